@@ -1,0 +1,222 @@
+"""grain pipelines: the infinite, checkpointable P x K training iterator and the eval iterator.
+
+Training: a `MapDataset` over this host's element positions e = step * L + j
+(L = P*K / process_count), mapped to (step -> epoch, batch; j -> global position
+g = process_index * L + j) -> source index `sampler.batches(epoch)[batch, g]` -> decoded,
+augmented uint8 image, then batched to L BEFORE `mp_prefetch`: each worker produces
+whole batches, so the P x K composition survives any worker count. Normalisation to
+float32 runs last, in the main process (uint8 crosses the process boundary: 4x less).
+
+Augmentation randomness is `np.random.default_rng([seed, step, g])`: the same global
+batch, pixel for pixel, for any number of hosts and workers, and after a resume.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+
+import grain
+from absl import flags
+import numpy as np
+
+from gl_jax.data.sampler import PKSampler, host_slice
+from gl_jax.data.sources import CorruptImageError, Source, load_with_fallback
+from gl_jax.data.transforms import eval_transform, normalize, train_transform
+
+# an "infinite" run: 10**12 steps, far beyond any training.
+_MAX_STEPS = 10 ** 12
+
+
+def make_sampler(source: Source, sampler_config, seed: int = 0) -> PKSampler:
+    return PKSampler(source.labels, int(sampler_config.classes_per_batch),
+                     int(sampler_config.samples_per_class), str(sampler_config.mode), seed)
+
+
+def steps_per_epoch(source: Source, sampler_config) -> int:
+    """Training steps (global batches) per epoch; see gl_jax.data.sampler for the formula."""
+    return make_sampler(source, sampler_config).num_batches()
+
+
+def _local_batch_size(global_size: int, process_count: int) -> int:
+    if global_size % process_count:
+        raise ValueError(f"batch size {global_size} is not divisible by process_count="
+                         f"{process_count}")
+    return global_size // process_count
+
+
+class _ClassMembers:
+    """label -> sorted indices of that class, computed once per process."""
+
+    def __init__(self, labels: np.ndarray):
+        order = np.argsort(labels, kind="stable")
+        self.classes, starts = np.unique(labels[order], return_index=True)
+        self.groups = np.split(order, starts[1:])
+
+    def __call__(self, label: int) -> np.ndarray:
+        return self.groups[int(np.searchsorted(self.classes, label))]
+
+
+class _TrainElement:
+    """Element position -> dict(image uint8 [S,S,3], label, index, step, epoch). Picklable."""
+
+    def __init__(self, source, sampler, data_config, local, process_index, start_step):
+        self.source = source
+        self.sampler = sampler
+        self.local = local
+        self.offset = process_index * local
+        self.start_step = start_step
+        self.steps = sampler.num_batches()
+        self.seed = int(data_config.seed)
+        self.augment = bool(data_config.augment)
+        self.image_size = int(data_config.image_size)
+        self.resize_size = int(data_config.resize_size)
+        self.scale = tuple(data_config.crop_scale)
+        self.ratio = tuple(data_config.crop_ratio)
+        self.flip = bool(data_config.flip)
+        self.interpolation = str(data_config.get("interpolation", "bilinear"))
+        self.skip_corrupt = bool(data_config.skip_corrupt)
+        self._cache: dict[int, np.ndarray] = {}
+        self._members = None
+
+    def _epoch(self, epoch: int) -> np.ndarray:
+        if epoch not in self._cache:
+            if len(self._cache) >= 2:
+                self._cache.pop(min(self._cache))
+            self._cache[epoch] = self.sampler.batches(epoch)
+        return self._cache[epoch]
+
+    def __call__(self, position: int) -> dict:
+        step = self.start_step + position // self.local
+        slot = self.offset + position % self.local
+        epoch, batch = divmod(step, self.steps)
+        index = int(self._epoch(epoch)[batch, slot])
+        if self._members is None:
+            self._members = _ClassMembers(self.source.labels)
+        image, _ = load_with_fallback(self.source, index, self.skip_corrupt, self._members)
+        if self.augment:
+            rng = np.random.default_rng([self.seed, step, slot])
+            image = train_transform(image, rng, self.image_size, self.scale, self.ratio,
+                                    self.flip, self.interpolation)
+        else:
+            image = eval_transform(image, self.image_size, self.resize_size, self.interpolation)
+        return dict(image=image, label=np.int32(self.source.labels[index]), index=index,
+                    step=step, epoch=epoch)
+
+
+def _stack(elements) -> dict:
+    return dict(image=np.stack([e["image"] for e in elements]),
+                label=np.asarray([e["label"] for e in elements], np.int32),
+                index=np.asarray([e["index"] for e in elements], np.int64),
+                step=elements[0]["step"], epoch=elements[0]["epoch"])
+
+
+def _normalize_batch(batch: dict, normalization: str) -> dict:
+    batch = dict(batch)
+    batch["image"] = normalize(batch["image"], normalization)
+    return batch
+
+
+def _finish(dataset: grain.MapDataset, data_config) -> grain.IterDataset:
+    read = grain.ReadOptions(num_threads=int(data_config.get("read_threads", 2)),
+                             prefetch_buffer_size=int(data_config.get("prefetch_batches", 2)))
+    it = dataset.to_iter_dataset(read)
+    workers = int(data_config.worker_count)
+    if workers < 0:
+        raise ValueError(f"data.worker_count={workers} must be >= 0")
+    if workers > 0:
+        # grain's workers read absl flags; a program that never parsed them (a test, a
+        # notebook) would fail there with UnparsedFlagAccessError.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    return it.map(functools.partial(_normalize_batch,
+                                    normalization=str(data_config.normalization)))
+
+
+def make_train_iterator(source: Source, data_config, sampler_config, *, process_index: int = 0,
+                        process_count: int = 1, start_step: int = 0):
+    """An infinite grain iterator of this host's slice of the global P x K batches.
+
+    Yields dict(image float32 [L, S, S, 3] normalised, label int32 [L], index int64 [L]
+    (source indices), step int, epoch int), L = P*K / process_count. Epoch e covers
+    steps [e * steps_per_epoch, (e+1) * steps_per_epoch). `start_step` starts the stream
+    later (e.g. start_epoch * steps_per_epoch); to resume a run, restore the iterator's
+    state instead (`grain.checkpoint.CheckpointRestore`): the next batch is the exact one
+    the interrupted run would have got.
+    """
+    sampler = make_sampler(source, sampler_config, int(data_config.seed))
+    local = _local_batch_size(sampler.batch_size, process_count)
+    host_slice(np.zeros((1, sampler.batch_size)), process_index, process_count)  # validates
+    element = _TrainElement(source, sampler, data_config, local, process_index, start_step)
+    logging.info("train data %s: %d images, %d classes, %s sampler %d x %d, %d steps/epoch, "
+                 "host %d/%d reads %d per step", source.name, len(source), len(sampler.counts),
+                 sampler.mode, sampler.classes_per_batch, sampler.samples_per_class,
+                 sampler.num_batches(), process_index, process_count, local)
+    dataset = (grain.MapDataset.range(_MAX_STEPS * local).map(element)
+               .batch(local, drop_remainder=True, batch_fn=_stack))
+    return iter(_finish(dataset, data_config))
+
+
+class _EvalElement:
+    """Element position -> one eval record, or a padding row (mask False) past the end."""
+
+    def __init__(self, source, data_config, global_size, local, process_index):
+        self.source = source
+        self.global_size = global_size
+        self.local = local
+        self.offset = process_index * local
+        self.image_size = int(data_config.image_size)
+        self.resize_size = int(data_config.resize_size)
+        self.interpolation = str(data_config.get("interpolation", "bilinear"))
+        self.skip_corrupt = bool(data_config.skip_corrupt)
+
+    def __call__(self, position: int) -> dict:
+        step, slot = divmod(position, self.local)
+        index = step * self.global_size + self.offset + slot
+        size = self.image_size
+        pad = dict(image=np.zeros((size, size, 3), np.uint8), label=-1, camera=-1, index=-1,
+                   mask=False)
+        if index >= len(self.source):
+            return pad
+        try:
+            image = self.source.load_image(index)
+        except CorruptImageError as err:
+            if not self.skip_corrupt:
+                raise
+            # evaluating another image in its place would change the eval set: mask it out.
+            logging.warning("skip_corrupt: %s; left out of the evaluation (mask False)", err)
+            return dict(pad, index=index)
+        camera = -1 if self.source.cameras is None else int(self.source.cameras[index])
+        return dict(image=eval_transform(image, size, self.resize_size, self.interpolation),
+                    label=int(self.source.labels[index]), camera=camera, index=index, mask=True)
+
+
+def _stack_eval(elements) -> dict:
+    return dict(image=np.stack([e["image"] for e in elements]),
+                label=np.asarray([e["label"] for e in elements], np.int32),
+                camera=np.asarray([e["camera"] for e in elements], np.int32),
+                index=np.asarray([e["index"] for e in elements], np.int64),
+                mask=np.asarray([e["mask"] for e in elements], bool))
+
+
+def eval_steps(source: Source, batch_size: int) -> int:
+    """Number of eval batches: ceil(len(source) / batch_size)."""
+    return -(-len(source) // int(batch_size))
+
+
+def make_eval_iterator(source: Source, data_config, batch_size: int, *, process_index: int = 0,
+                       process_count: int = 1):
+    """One pass over `source` in index order, `batch_size` records per global batch.
+
+    Global batch b holds records [b * batch_size, (b + 1) * batch_size); this host gets
+    its contiguous slice of batch_size / process_count rows. Yields dict(image float32
+    [L, S, S, 3], label int32 [L], camera int32 [L] (-1 unknown), index int64 [L],
+    mask bool [L]); rows past the end are padding (mask False, label/index -1), so every
+    batch has the same shape. With skip_corrupt, a corrupt image's row has mask False.
+    """
+    local = _local_batch_size(int(batch_size), process_count)
+    host_slice(np.zeros((1, int(batch_size))), process_index, process_count)  # validates
+    element = _EvalElement(source, data_config, int(batch_size), local, process_index)
+    dataset = (grain.MapDataset.range(eval_steps(source, batch_size) * local).map(element)
+               .batch(local, drop_remainder=True, batch_fn=_stack_eval))
+    return iter(_finish(dataset, data_config))
