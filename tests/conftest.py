@@ -10,7 +10,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 _CACHE = os.environ.get(
-    "GL_JAX_TEST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "gl_jax", "jax_test_cache"))
+        "GL_JAX_TEST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "gl_jax", "jax_test_cache"))
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

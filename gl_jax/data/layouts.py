@@ -38,7 +38,7 @@ def _require_dir(path: str, what: str) -> None:
 
 
 def _read_table(path: str, num_columns: int, skip_lines: int = 0) -> list[tuple[int, list[str]]]:
-    """Whitespace-separated lines -> [(line number, columns)]; a bad line -> ValueError naming it."""
+    """Whitespace-separated lines -> [(line number, columns)]; a bad line -> ValueError."""
     rows = []
     with open(path) as f:
         for line_number, line in enumerate(f, start=1):
@@ -325,9 +325,13 @@ def load_tfds_splits(builder_name: str, root: str, n_train_classes: int, dataset
     try:
         builder = tfds.builder(builder_name, data_dir=data_dir)
         split_names = sorted(builder.info.splits.keys())
-    except Exception as err:
+    except Exception as err:  # unknown builder, unreadable dataset_info.json, ...
+        raise FileNotFoundError(f"{dataset}: TFDS dataset {builder_name!r} could not be opened "
+                                f"under data_dir={data_dir!r}: {err}") from err
+    if not split_names:
         raise FileNotFoundError(f"{dataset}: TFDS dataset {builder_name!r} is not prepared under "
-                                f"data_dir={data_dir!r}: {err}") from err
+                                f"data_dir={data_dir!r} (prepare it with `tfds build "
+                                f"{builder_name} --data_dir=...`; Cars196: bring the files)")
     decoders = {"image": tfds.decode.SkipDecoding()}
     parts = [tfds.data_source(builder_name, split=s, data_dir=data_dir, decoders=decoders)
              for s in split_names]

@@ -77,6 +77,7 @@ class _TrainElement:
         self.skip_corrupt = bool(data_config.skip_corrupt)
         self._cache: dict[int, np.ndarray] = {}
         self._members = None
+        self._known_bad: set = set()
 
     def _epoch(self, epoch: int) -> np.ndarray:
         if epoch not in self._cache:
@@ -92,7 +93,8 @@ class _TrainElement:
         index = int(self._epoch(epoch)[batch, slot])
         if self._members is None:
             self._members = _ClassMembers(self.source.labels)
-        image, _ = load_with_fallback(self.source, index, self.skip_corrupt, self._members)
+        image, _ = load_with_fallback(self.source, index, self.skip_corrupt, self._members,
+                                      self._known_bad)
         if self.augment:
             rng = np.random.default_rng([self.seed, step, slot])
             image = train_transform(image, rng, self.image_size, self.scale, self.ratio,
@@ -179,7 +181,7 @@ class _EvalElement:
         if index >= len(self.source):
             return pad
         try:
-            image = self.source.load_image(index)
+            image = self.source.load_pil(index)
         except CorruptImageError as err:
             if not self.skip_corrupt:
                 raise

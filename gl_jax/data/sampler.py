@@ -19,12 +19,17 @@ same global batch order, and a resumed run recomputes exactly the same batches.
   2. the epoch has B batches, B the largest integer with sum_c min(v_c, B) >= B P (the
      most batches of P distinct classes that the chunk counts allow); class c
      contributes min(v_c, B) chunks;
-  3. the chunks are laid out class after class in a shuffled class order, and chunk t
+  3. the surplus sum_c min(v_c, B) - B P (< P) chunks are dropped one at a time, each
+     time from a class with the most chunks left (ties at random);
+  4. the chunks are laid out class after class in a shuffled class order, and chunk t
      goes to batch t mod B (a run of <= B chunks of one class lands in B distinct
-     batches, so classes in a batch are distinct); the tail beyond B P is dropped;
-  4. batch order and the order of the P classes inside each batch are shuffled.
-  Every image appears at least once per epoch unless its chunk falls in the dropped
-  tail or beyond the cap B. Epoch length B is constant.
+     batches, so the classes in a batch are distinct);
+  5. batch order and the order of the P classes inside each batch are shuffled.
+  Every class appears every epoch unless all classes are down to one chunk (then fewer
+  than P random classes sit out), and every image of a class with v_c <= B chunks
+  appears unless that class lost a chunk in step 3 (< P chunks per epoch). A class
+  with more than B chunks of images contributes B chunks of random images. Epoch
+  length B is constant.
 
 Within a batch the K images of a class are consecutive, class after class (the Group
 Loss takes the first occurrences of each class as anchors, which are random because
@@ -80,7 +85,6 @@ class PKSampler:
         self.batch_size = self.classes_per_batch * self.samples_per_class
         self.mode = mode
         self.seed = int(seed)
-        self._small_logged = False
         k = self.samples_per_class
         if mode == "official":
             padded = np.minimum(2 * counts, counts.max() + 1)
@@ -90,6 +94,12 @@ class PKSampler:
             self.chunks_per_class = -(-counts // k)
             self._num_batches = _max_distinct_batches(self.chunks_per_class,
                                                       self.classes_per_batch)
+            small = counts < k
+            if small.any():  # logged here, once, not at every epoch
+                logging.warning("balanced sampler: %d classes have fewer than samples_per_class="
+                                "%d images and are sampled with replacement (e.g. class %s with "
+                                "%d)", int(small.sum()), k, self.classes[np.argmax(small)],
+                                int(counts[np.argmax(small)]))
         if self._num_batches == 0:
             raise ValueError(
                 f"{mode} sampler: no complete batch of {classes_per_batch} x {samples_per_class}"
@@ -128,13 +138,6 @@ class PKSampler:
 
     def _balanced(self, rng: np.random.Generator) -> np.ndarray:
         k, p, b = self.samples_per_class, self.classes_per_batch, self._num_batches
-        small = self.counts < k
-        if small.any() and not self._small_logged:
-            self._small_logged = True
-            logging.warning("balanced sampler: %d classes have fewer than samples_per_class=%d "
-                            "images and are sampled with replacement (e.g. class %s with %d)",
-                            int(small.sum()), k, self.classes[np.argmax(small)],
-                            int(self.counts[np.argmax(small)]))
         class_chunks = []
         for members in self.members:
             n = len(members)
@@ -153,8 +156,13 @@ class PKSampler:
                 if n >= k:
                     assert len(np.unique(np.concatenate([last, extra]))) == k
             class_chunks.append(shuffled.reshape(v, k)[:b])
-        sequence = np.concatenate([class_chunks[c] for c in rng.permutation(len(class_chunks))])
-        sequence = sequence[:b * p]
+        # sum_c min(v_c, B) - B P < P surplus chunks: drop them one at a time from the class
+        # with the most chunks left (ties at random), so a class keeps a chunk if any can.
+        kept = np.asarray([len(c) for c in class_chunks])
+        for _ in range(int(kept.sum()) - b * p):
+            kept[rng.choice(np.flatnonzero(kept == kept.max()))] -= 1
+        sequence = np.concatenate([class_chunks[c][:kept[c]]
+                                   for c in rng.permutation(len(class_chunks))])
         # chunk t -> batch t mod b, slot t // b: a class's consecutive run lands in distinct
         # batches.
         grid = sequence.reshape(p, b, k).transpose(1, 0, 2)  # [b, p, k]

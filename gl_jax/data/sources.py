@@ -27,29 +27,36 @@ class CorruptImageError(ValueError):
         super().__init__(f"corrupt or unreadable image file {path!r}: {cause!r}")
 
 
-def decode_image(data: bytes, path: str) -> np.ndarray:
-    """Decodes encoded image bytes to uint8 [H, W, 3] RGB.
+def decode_pil(data: bytes, path: str) -> Image.Image:
+    """Decodes encoded image bytes to an RGB PIL image, fully loaded.
 
-    Grey, palette and RGBA images become 3 RGB channels. `path` only names the file in
-    the error: a truncated or non-image file raises `CorruptImageError` naming it, because
-    PIL's lazy decoding would otherwise fail much later or, for truncated JPEGs, silently
-    return a half-grey image.
+    Grey, palette and RGBA images become RGB. `path` only names the file in the error:
+    a truncated or non-image file raises `CorruptImageError` naming it, because PIL's
+    lazy decoding would otherwise fail much later (in a worker) or, with
+    LOAD_TRUNCATED_IMAGES, silently return a half-grey image.
     """
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()  # forces the full decode; a truncated file raises here.
-            if img.mode != "RGB":
-                img = img.convert("RGB")
-            array = np.asarray(img, dtype=np.uint8)
+        img = Image.open(io.BytesIO(data))
+        img.load()  # forces the full decode; a truncated file raises here.
+        if img.mode != "RGB":
+            img = img.convert("RGB")
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ...
         raise CorruptImageError(path, err) from err
-    if array.ndim != 3 or array.shape[2] != 3 or array.shape[0] == 0 or array.shape[1] == 0:
-        raise CorruptImageError(path, ValueError(f"decoded to shape {array.shape}"))
-    return array
+    if img.width == 0 or img.height == 0:
+        raise CorruptImageError(path, ValueError(f"decoded to size {img.size}"))
+    return img
+
+
+def decode_image(data: bytes, path: str) -> np.ndarray:
+    """Decodes encoded image bytes to uint8 [H, W, 3] RGB (see `decode_pil`)."""
+    return np.asarray(decode_pil(data, path))
 
 
 def read_image_file(path: str) -> np.ndarray:
-    """Reads and decodes one image file; missing -> FileNotFoundError, corrupt -> CorruptImageError."""
+    """Reads and decodes one image file.
+
+    Raises FileNotFoundError (missing) or CorruptImageError (does not decode).
+    """
     with open(path, "rb") as f:
         data = f.read()
     return decode_image(data, path)
@@ -84,7 +91,13 @@ class Source:
         return int(self.labels.shape[0])
 
     def load_image(self, index: int) -> np.ndarray:
-        raise NotImplementedError
+        """uint8 [H, W, 3] RGB of record `index`."""
+        return np.asarray(self.load_pil(index))
+
+    def load_pil(self, index: int) -> Image.Image:
+        """Record `index` as an RGB PIL image (the transforms' fast path: no array copy of
+        the full-size image)."""
+        return Image.fromarray(self.load_image(index))
 
     def describe(self, index: int) -> str:
         """A human-readable name of record `index` for error messages (a file path)."""
@@ -113,8 +126,11 @@ class FileSource(Source):
         if len(self.paths) != len(self.labels):
             raise ValueError(f"{name}: {len(self.paths)} paths but {len(self.labels)} labels")
 
-    def load_image(self, index: int) -> np.ndarray:
-        return read_image_file(self.paths[index])
+    def load_pil(self, index: int) -> Image.Image:
+        path = self.paths[index]
+        with open(path, "rb") as f:
+            data = f.read()
+        return decode_pil(data, path)
 
     def describe(self, index: int) -> str:
         return self.paths[index]
@@ -148,8 +164,8 @@ class EncodedSource(Source):
         super().__init__(name, labels, cameras, class_names)
         self.read_bytes = read_bytes
 
-    def load_image(self, index: int) -> np.ndarray:
-        return decode_image(self.read_bytes(index), self.describe(index))
+    def load_pil(self, index: int) -> Image.Image:
+        return decode_pil(self.read_bytes(index), self.describe(index))
 
 
 class SubsetSource(Source):
@@ -168,6 +184,9 @@ class SubsetSource(Source):
     def load_image(self, index: int) -> np.ndarray:
         return self.parent.load_image(int(self.indices[index]))
 
+    def load_pil(self, index: int) -> Image.Image:
+        return self.parent.load_pil(int(self.indices[index]))
+
     def describe(self, index: int) -> str:
         return self.parent.describe(int(self.indices[index]))
 
@@ -178,29 +197,38 @@ def num_classes(source: Source) -> int:
 
 
 def load_with_fallback(source: Source, index: int, skip_corrupt: bool,
-                       members_of_class: Callable[[int], np.ndarray] | None = None) -> tuple:
+                       members_of_class: Callable[[int], np.ndarray] | None = None,
+                       known_bad: set | None = None) -> tuple:
     """Decodes record `index`; on a corrupt file either raises or uses another image of its class.
 
-    Returns (image uint8 [H, W, 3], the index actually decoded). With `skip_corrupt`, the
+    Returns (RGB PIL image, the index actually decoded). With `skip_corrupt`, the
     replacement is the next record of the same class in index order (cycling), which keeps
-    the P x K composition of the batch and is deterministic.
+    the P x K composition of the batch and is deterministic. `known_bad` (a set kept by
+    the caller) makes each corrupt file logged and re-tried only once per process.
     """
-    try:
-        return source.load_image(index), index
-    except CorruptImageError as err:
-        if not skip_corrupt:
-            raise
-        logging.warning("skip_corrupt: %s; using another image of the same class", err)
+    known_bad = set() if known_bad is None else known_bad
+    if index not in known_bad:
+        try:
+            return source.load_pil(index), index
+        except CorruptImageError as err:
+            if not skip_corrupt:
+                raise
+            known_bad.add(index)
+            logging.warning("skip_corrupt: %s; using another image of the same class", err)
+    elif not skip_corrupt:
+        return source.load_pil(index), index
     label = source.labels[index]
     members = (np.flatnonzero(source.labels == label) if members_of_class is None
                else members_of_class(int(label)))
     start = int(np.searchsorted(members, index))
     for other in np.roll(members, -start - 1):
-        if other == index:
+        other = int(other)
+        if other in known_bad:
             continue
         try:
-            return source.load_image(int(other)), int(other)
+            return source.load_pil(other), other
         except CorruptImageError as err:
+            known_bad.add(other)
             logging.warning("skip_corrupt: %s", err)
     raise CorruptImageError(source.describe(index),
                             ValueError(f"every image of class {label} is corrupt"))

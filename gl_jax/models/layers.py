@@ -98,7 +98,8 @@ def max_pool(x: jax.Array, window: int, stride: int, padding: int = 0, *,
     """
     pads = [(0, 0)] + [_pool_padding(s, window, stride, padding, ceil_mode)
                        for s in x.shape[1:3]] + [(0, 0)]
-    return jax.lax.reduce_window(x, jnp.array(-jnp.inf, x.dtype), jax.lax.max,
+    # The init value must be a Python scalar: an array constant breaks reverse-mode autodiff.
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max,
                                  (1, window, window, 1), (1, stride, stride, 1), pads)
 
 

@@ -16,7 +16,8 @@ two rules:
   | BatchNorm ``scale`` / ``bias`` | ``weight`` / ``bias`` | - |
   | BatchNorm ``mean`` / ``var`` | ``running_mean`` / ``running_var`` | - |
 
-  ``num_batches_tracked`` has no counterpart and is ignored.
+  ``num_batches_tracked`` has no counterpart and is ignored. Per-channel vectors stored
+  as [1, C] (the first BN-Inception port) are flattened to [C].
 
 The classifier head of the file (``fc``, ``last_linear``, ``_fc``) goes into the
 model's ``classifier`` only when that makes sense: the model has no extra embedding
@@ -66,25 +67,14 @@ def _dotted(path: Path) -> str:
     return ".".join(str(p) for p in path)
 
 
-def _efficientnet_name(path: Path) -> str:
-    """gl_jax EfficientNet-Lite attribute names are efficientnet_pytorch's without the
-    leading underscore (nnx treats underscore attributes as private)."""
-    return ".".join(f"_{p}" if isinstance(p, str) else str(p) for p in path)
-
-
-def _bninception_name(path: Path) -> str:
-    """The Caffe port names every layer flatly (``inception_3a_1x1_bn``)."""
-    return _dotted(path)
-
-
 ARCHITECTURES: dict[str, ArchitectureRule] = {
     **{name: ArchitectureRule(_dotted, "fc", f"torchvision {name} state dict")
        for name in ("resnet18", "resnet34", "resnet50", "resnet101")},
     "bninception": ArchitectureRule(
-        _bninception_name, "last_linear",
+        _dotted, "last_linear",
         "Caffe-ported BN-Inception (Cadene pretrainedmodels bn_inception-*.pth)"),
     "efficientnet_lite0": ArchitectureRule(
-        _efficientnet_name, "_fc",
+        _dotted, "_fc",
         "EfficientNet-Lite0 in efficientnet_pytorch naming (efficientnet-lite0-*.pth)"),
 }
 
@@ -95,18 +85,18 @@ _IGNORED_SUFFIXES = (".num_batches_tracked",)
 
 
 def _to_flax_layout(leaf: str, array: np.ndarray) -> np.ndarray:
-    """PyTorch layout -> Flax layout for one tensor (see the module table)."""
+    """PyTorch layout -> Flax layout for one tensor (see the module table).
+
+    Per-channel vectors saved as [1, C] (the first BN-Inception port, from torch < 0.2)
+    are flattened to [C].
+    """
     if leaf == "kernel" and array.ndim == 4:
         return array.transpose(2, 3, 1, 0)
     if leaf == "kernel" and array.ndim == 2:
         return array.T
+    if leaf != "kernel" and array.ndim == 2 and array.shape[0] == 1:
+        return array.reshape(-1)
     return array
-
-
-def _layout_name(leaf: str, ndim: int) -> str:
-    if leaf == "kernel":
-        return {4: "OIHW->HWIO", 2: "[out,in]->[in,out]"}.get(ndim, "as is")
-    return "as is"
 
 
 @dataclasses.dataclass

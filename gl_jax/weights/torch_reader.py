@@ -178,7 +178,8 @@ class _SafeUnpickler(pickle.Unpickler):
 
     def __init__(self, file: BinaryIO, source: str,
                  load_storage: Callable[[tuple], _Storage] | None):
-        super().__init__(file)
+        # Python 2 pickles (the BN-Inception port) store names as byte strings.
+        super().__init__(file, encoding="utf-8")
         self._source = source
         self._load_storage = load_storage
         self._allowed: dict[tuple[str, str], Any] = {
@@ -313,7 +314,7 @@ def _read_zip(path: str) -> Any:
             return cache[cache_key]
 
         data = archive.read(pickles[0])
-    return _SafeUnpickler(io.BytesIO(data), path, load_storage).load()
+        return _SafeUnpickler(io.BytesIO(data), path, load_storage).load()
 
 
 def _read_legacy(path: str) -> Any:

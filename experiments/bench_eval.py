@@ -1,0 +1,152 @@
+"""Benchmark: exact Recall@K at SOP scale, gl_jax.evaluation vs the original code's way vs faiss.
+
+Synthetic clustered embeddings (class centres on the sphere plus noise, L2-normalised),
+SOP test-set sizes by default: 60,502 x 1024, 11,316 classes (5-6 images per class).
+
+Compared, in one run:
+* ours: ``gl_jax.evaluation.retrieval_metrics(..., nmi=False)``: blocked jitted exact kNN,
+  Recall@{1,10,100,1000}, MAP@R, R-precision; full size and the subset;
+* original: the group_loss code's way, ``sklearn.metrics.pairwise_distances`` on the whole
+  set (n x n float64... float32 here) then a full ``argsort`` per row, on the largest subset
+  that fits (``--original_n``), and ours on the same subset;
+* faiss-cpu ``IndexFlatL2`` exact search (when installed), on the subset and full size.
+
+Each method runs in a fresh child process; time and peak memory cover the metric call only
+(libraries imported and data built beforehand; our time includes jit compilation). Peak
+memory is the growth of the child's peak resident set (ru_maxrss) during the call.
+
+  python experiments/bench_eval.py                       # full SOP size (~10 min, 2 cores)
+  python experiments/bench_eval.py --n 20000 --classes 3740 --original_n 8000   # quicker
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import resource
+import time
+
+import numpy as np
+
+KS = (1, 10, 100, 1000)
+
+
+def make_data(n: int, dim: int, classes: int, noise: float, seed: int = 0):
+  rng = np.random.default_rng(seed)
+  labels = np.sort(np.arange(n) % classes)
+  centres = rng.normal(size=(classes, dim)).astype(np.float32)
+  centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+  # Noise of norm ~`noise` around unit centres: 2.8 gives SOP-like Recall@1 (~0.7).
+  x = centres[labels] + noise / np.sqrt(dim) * rng.normal(size=(n, dim)).astype(np.float32)
+  x /= np.linalg.norm(x, axis=1, keepdims=True)
+  return x.astype(np.float32), labels
+
+
+def recalls_from_neighbours(idx: np.ndarray, labels: np.ndarray, ks) -> dict:
+  hits = labels[idx] == labels[:, None]
+  first = np.where(hits.any(1), hits.argmax(1), idx.shape[1])
+  return {f"recall@{k}": float(np.mean(first < k)) for k in ks}
+
+
+def run_ours(x, labels, ks, block_size):
+  from gl_jax.evaluation import retrieval_metrics
+  return retrieval_metrics(x, labels, ks, nmi=False, block_size=block_size)
+
+
+def run_original(x, labels, ks, block_size):
+  from sklearn.metrics import pairwise_distances
+  dist = pairwise_distances(x, metric="euclidean")   # the original: full n x n matrix
+  np.fill_diagonal(dist, np.inf)                     # the query itself excluded
+  idx = np.argsort(dist, axis=1)[:, :max(ks)]
+  return recalls_from_neighbours(idx, labels, ks)
+
+
+def run_faiss(x, labels, ks, block_size):
+  import faiss
+  index = faiss.IndexFlatL2(x.shape[1])
+  index.add(x)
+  _, idx = index.search(x, max(ks) + 1)
+  # Drop the query itself (the first hit at distance 0, wherever it lands among ties).
+  own = idx == np.arange(x.shape[0])[:, None]
+  keep = ~own
+  keep[own.sum(1) == 0, -1] = False
+  idx = idx[keep].reshape(x.shape[0], max(ks))
+  return recalls_from_neighbours(idx, labels, ks)
+
+
+def _child(method, n, dim, classes, noise, ks, block_size, queue):
+  # Libraries are imported and the data made before the clock and the memory baseline.
+  if method == "ours":
+    import gl_jax.evaluation  # noqa: F401
+  elif method == "original":
+    import sklearn.metrics  # noqa: F401
+  else:
+    import faiss  # noqa: F401
+  x, labels = make_data(n, dim, classes, noise)
+  base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  fn = {"ours": run_ours, "original": run_original, "faiss": run_faiss}[method]
+  t0 = time.perf_counter()
+  metrics = fn(x, labels, ks, block_size)
+  seconds = time.perf_counter() - t0
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  queue.put({"seconds": seconds, "peak_mib": (peak - base) / 1024, "metrics": metrics})
+
+
+def measure(method, n, dim, classes, noise, ks, block_size):
+  ctx = mp.get_context("spawn")
+  queue = ctx.Queue()
+  proc = ctx.Process(target=_child, args=(method, n, dim, classes, noise, ks, block_size, queue))
+  proc.start()
+  result = queue.get()
+  proc.join()
+  return result
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--n", type=int, default=60502)
+  parser.add_argument("--dim", type=int, default=1024)
+  parser.add_argument("--classes", type=int, default=11316)
+  parser.add_argument("--original_n", type=int, default=15000,
+                      help="subset size for the full-matrix original way")
+  parser.add_argument("--block_size", type=int, default=1024)
+  parser.add_argument("--noise", type=float, default=2.8)
+  parser.add_argument("--skip_faiss_full", action="store_true")
+  args = parser.parse_args()
+  try:
+    import faiss  # noqa: F401
+    have_faiss = True
+  except ImportError:
+    have_faiss = False
+
+  sub_classes = max(1, round(args.classes * args.original_n / args.n))
+  ks_sub = tuple(k for k in KS if k < args.original_n)
+  rows = []
+  plan = [("ours", args.original_n, sub_classes, ks_sub),
+          ("original", args.original_n, sub_classes, ks_sub)]
+  if have_faiss:
+    plan.append(("faiss", args.original_n, sub_classes, ks_sub))
+  plan.append(("ours", args.n, args.classes, KS))
+  if have_faiss and not args.skip_faiss_full:
+    plan.append(("faiss", args.n, args.classes, KS))
+  for method, n, classes, ks in plan:
+    res = measure(method, n, args.dim, classes, args.noise, ks, args.block_size)
+    rows.append((method, n, classes, res))
+    print(json.dumps({"method": method, "n": n, **res}), flush=True)
+
+  print(f"\n{'method':<10}{'n':>8}{'classes':>9}{'time s':>9}{'peak MiB':>10}"
+        f"{'t/ours':>8}{'mem/ours':>9}  recall@" + ",".join(map(str, KS)))
+  ours_at = {n: r for m, n, _, r in rows if m == "ours"}
+  for method, n, classes, res in rows:
+    ref = ours_at[n]
+    recalls = " ".join(f"{100 * v:.2f}" for k, v in res["metrics"].items() if k.startswith("recall@"))
+    print(f"{method:<10}{n:>8}{classes:>9}{res['seconds']:>9.1f}{res['peak_mib']:>10.0f}"
+          f"{res['seconds'] / ref['seconds']:>8.2f}{res['peak_mib'] / max(ref['peak_mib'], 1):>9.2f}"
+          f"  {recalls}")
+  for n, r in ours_at.items():
+    m = r["metrics"]
+    print(f"ours n={n}: map@r {m['map@r']:.4f} r_precision {m['r_precision']:.4f}")
+
+
+if __name__ == "__main__":
+  main()

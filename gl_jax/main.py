@@ -1,0 +1,36 @@
+"""Command line: `python -m gl_jax.main --config=configs/digits.py --workdir=DIR`.
+
+Any config field can be overridden, e.g. `--config.optimizer.lr=1e-4`; a config file may
+take an argument after a colon (`configs/cars196.py:quick`). Running the same command
+again resumes from the last checkpoint in DIR.
+"""
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+from gl_jax import train
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
+config_flags.DEFINE_config_file("config", None, "Training configuration file.",
+                                lock_config=True)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    config = FLAGS.config
+    if config.mesh.distributed:
+        # Multi-host (e.g. a Cloud TPU VM pod slice): every process runs this same command;
+        # coordinates come from the environment (TPU metadata, SLURM or JAX_COORDINATOR_*).
+        jax.distributed.initialize()
+    logging.info("JAX process %d / %d, local devices %s", jax.process_index(),
+                 jax.process_count(), jax.local_devices())
+    train.train_and_evaluate(config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)
