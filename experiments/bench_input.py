@@ -2,7 +2,9 @@
 
 Both decode JPEGs, apply the training transform (random resized crop to --image_size
 + horizontal flip), stack into P x K batches and normalise (caffe_bgr). Images per
-second are measured after one warm-up batch (which includes worker start-up).
+second are measured after one warm-up batch (which includes worker start-up); the
+settings are measured in turn, --repeats times, and the best and the median of the
+repeats are printed (the machine is shared: the best is the least disturbed run).
 
     python experiments/bench_input.py                  # CPU-sized: ~1-2 minutes
     python experiments/bench_input.py --num_classes=100 --images_per_class=60 \
@@ -27,9 +29,10 @@ flags.DEFINE_integer("images_per_class", 18, "JPEGs per class")
 flags.DEFINE_integer("image_size", 227, "crop size")
 flags.DEFINE_integer("classes_per_batch", 6, "P")
 flags.DEFINE_integer("samples_per_class", 9, "K")
-flags.DEFINE_integer("steps", 6, "timed batches per setting (after one warm-up batch)")
+flags.DEFINE_integer("steps", 8, "timed batches per setting (after one warm-up batch)")
 flags.DEFINE_list("workers", ["0", "1", "2"], "grain worker counts to measure")
 flags.DEFINE_integer("read_threads", 1, "grain read threads per process")
+flags.DEFINE_integer("repeats", 3, "rounds over all settings")
 
 
 def write_jpegs(root, num_classes, per_class, seed=0):
@@ -88,24 +91,32 @@ def main(argv):
         check = gdata.make_train_iterator(source, data_config, sampler_config)
         np.testing.assert_array_equal(next(check)["image"],
                                       next(plain_loop(source, batches, FLAGS.image_size, 0)))
-        rows = [("plain PIL loop", timed(plain_loop(source, batches, FLAGS.image_size, 0),
-                                         FLAGS.steps))]
-        for workers in map(int, FLAGS.workers):
-            data_config.worker_count = workers
-            it = gdata.make_train_iterator(source, data_config, sampler_config)
-            try:
-                rows.append((f"grain, {workers} workers", timed(it, FLAGS.steps)))
-            finally:
-                if hasattr(it, "close"):
-                    it.close()
+        check.close()
+        names = ["plain PIL loop"] + [f"grain, {w} workers" for w in FLAGS.workers]
+        seconds = {name: [] for name in names}
+        for _ in range(FLAGS.repeats):
+            seconds[names[0]].append(timed(plain_loop(source, batches, FLAGS.image_size, 0),
+                                           FLAGS.steps))
+            for name, workers in zip(names[1:], map(int, FLAGS.workers)):
+                data_config.worker_count = workers
+                it = gdata.make_train_iterator(source, data_config, sampler_config)
+                try:
+                    seconds[name].append(timed(it, FLAGS.steps))
+                finally:
+                    if hasattr(it, "close"):
+                        it.close()
     images = FLAGS.steps * batch
-    print(f"\n{images} images ({FLAGS.steps} batches of {FLAGS.classes_per_batch} x "
+    print(f"\n{images} images per run ({FLAGS.steps} batches of {FLAGS.classes_per_batch} x "
           f"{FLAGS.samples_per_class}), 500x375 JPEG -> {FLAGS.image_size} px, "
-          f"{os.cpu_count()} CPUs")
-    print(f"| {'pipeline':<22} | images/s | vs plain loop |")
-    print(f"|{'-' * 24}|----------|---------------|")
-    for name, seconds in rows:
-        print(f"| {name:<22} | {images / seconds:8.1f} | {rows[0][1] / seconds:12.2f}x |")
+          f"{os.cpu_count()} CPUs, best and median of {FLAGS.repeats} runs")
+    print(f"| {'pipeline':<22} | best images/s | vs plain loop | median images/s |"
+          " vs plain loop |")
+    print(f"|{'-' * 24}|---------------|---------------|-----------------|---------------|")
+    base_best, base_median = min(seconds[names[0]]), np.median(seconds[names[0]])
+    for name in names:
+        best, median = min(seconds[name]), np.median(seconds[name])
+        print(f"| {name:<22} | {images / best:13.1f} | {base_best / best:12.2f}x "
+              f"| {images / median:15.1f} | {base_median / median:12.2f}x |")
 
 
 if __name__ == "__main__":

@@ -210,3 +210,21 @@ def test_fewer_classes_than_p_is_an_error_before_training(digits):
     too_many.classes_per_batch = 5
     with pytest.raises(ValueError, match="4 classes, fewer than classes_per_batch=5"):
         gdata.make_train_iterator(splits["train"], config, too_many)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("normalization", "bgr", "data.normalization='bgr'"),
+    ("interpolation", "lanczos", "data.interpolation='lanczos'"),
+    ("image_size", 20, "data.image_size=20"),
+    ("crop_scale", (0.5, 0.1), "data.crop_scale"),
+    ("crop_ratio", (0.0, 1.0), "data.crop_ratio"),
+    ("worker_count", -1, "data.worker_count=-1"),
+])
+def test_bad_config_values_are_errors_naming_the_field(digits, field, value, message):
+    config, sampler_config, splits = digits
+    bad = config.copy_and_resolve_references()
+    bad[field] = value
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        gdata.make_train_iterator(splits["train"], bad, sampler_config)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        gdata.make_eval_iterator(splits["test"], bad, 10)

@@ -4,6 +4,8 @@ import logging
 
 import numpy as np
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from gl_jax.data.sampler import PKSampler, _max_distinct_batches, host_slice
 
@@ -183,3 +185,22 @@ def test_host_slices_reassemble_the_global_batch():
         host_slice(batches, 0, 3)
     with pytest.raises(ValueError, match="process_index=2"):
         host_slice(batches, 2, 2)
+
+
+@settings(max_examples=40, deadline=None)
+@given(sizes=st.lists(st.integers(1, 25), min_size=2, max_size=12), p=st.integers(1, 4),
+       k=st.integers(1, 6), mode=st.sampled_from(["official", "balanced"]),
+       epoch=st.integers(0, 1000))
+def test_property_batches_are_k_runs_of_one_class(sizes, p, k, mode, epoch):
+    labels = _labels(sizes, shuffle_seed=epoch)
+    try:
+        sampler = PKSampler(labels, p, k, mode=mode, seed=epoch)
+    except ValueError as err:  # only the two documented reasons
+        assert "fewer than classes_per_batch" in str(err) or "no complete batch" in str(err)
+        assume(False)
+    batches = sampler.batches(epoch)
+    assert batches.shape == (sampler.num_batches(), p * k) and sampler.num_batches() > 0
+    grid = labels[batches].reshape(-1, p, k)
+    assert (grid == grid[:, :, :1]).all()
+    if mode == "balanced":
+        assert all(len(set(row)) == p for row in grid[:, :, 0])

@@ -25,7 +25,6 @@ from flax import nnx
 
 from gl_jax import weights
 from gl_jax.models import create_model
-from gl_jax.weights import torch_reader
 
 # --------------------------------------------------------------------------------------
 # A minimal torch.save writer (pickle protocol 2 opcodes written by hand).
@@ -70,8 +69,12 @@ def op_global(module: str, name: str) -> bytes:
 
 
 class PickleWriter:
-    def __init__(self, legacy: bool):
+    """``py2=True`` writes str as Python 2 byte strings (SHORT_BINSTRING / BINSTRING), as
+    in files saved by torch under Python 2 (the BN-Inception port)."""
+
+    def __init__(self, legacy: bool, py2: bool = False):
         self.legacy = legacy
+        self.py2 = py2
         self.storages: dict[int, tuple[str, FakeStorage]] = {}
         self.out = bytearray()
 
@@ -101,7 +104,12 @@ class PickleWriter:
             out += b"G" + struct.pack(">d", obj)
         elif isinstance(obj, str):
             data = obj.encode()
-            out += b"X" + struct.pack("<I", len(data)) + data
+            if self.py2 and len(data) < 256:
+                out += b"U" + bytes([len(data)]) + data
+            elif self.py2:
+                out += b"T" + struct.pack("<I", len(data)) + data
+            else:
+                out += b"X" + struct.pack("<I", len(data)) + data
         elif isinstance(obj, tuple):
             out += b"("
             for item in obj:
@@ -163,10 +171,11 @@ def _as_fake(obj):
     return obj
 
 
-def write_torch_file(path, obj, fmt: str = "zip", byteorder: str = "little") -> str:
+def write_torch_file(path, obj, fmt: str = "zip", byteorder: str = "little",
+                     py2: bool = False) -> str:
     """``torch.save(obj, path)`` for dicts of arrays / FakeTensors, zip or legacy."""
     obj = _as_fake(obj)
-    writer = PickleWriter(legacy=fmt == "legacy")
+    writer = PickleWriter(legacy=fmt == "legacy", py2=py2)
     data = writer.dumps(obj)
     order = "<" if byteorder == "little" else ">"
 
@@ -181,7 +190,7 @@ def write_torch_file(path, obj, fmt: str = "zip", byteorder: str = "little") -> 
             for key, storage in writer.storages.values():
                 archive.writestr(f"archive/data/{key}", raw(storage))
     else:
-        header = PickleWriter(legacy=True)
+        header = PickleWriter(legacy=True, py2=py2)
         with open(path, "wb") as f:
             f.write(header.dumps(0x1950A86A20F9469CFC6C))
             f.write(header.dumps(1001))
@@ -301,6 +310,21 @@ def test_reader_rejects_bad_files(tmp_path):
     path = write_torch_file(tmp_path / "oob.pth", {"w": FakeTensor(storage, 5, (3, 3), (3, 1))})
     with pytest.raises(ValueError, match=r"reaches element 13 of storage 0 which holds 10"):
         weights.read_torch_file(path)
+    # A stride-0 view claiming far more elements than its storage (memory exhaustion).
+    storage = FakeStorage(np.zeros(4, np.float32))
+    path = write_torch_file(tmp_path / "big.pth",
+                            {"w": FakeTensor(storage, 0, (10 ** 6, 10 ** 6), (0, 0))})
+    with pytest.raises(ValueError, match="more elements than its storage"):
+        weights.read_torch_file(path)
+    # BUILD on an allowed stand-in must not change the dtype its bytes are read with.
+    for state in (b"N}X\x05\x00\x00\x00dtypeX\x01\x00\x00\x00Os\x86",  # (None, slots)
+                  b"}X\x05\x00\x00\x00dtypeX\x01\x00\x00\x00Os"):   # plain dict
+        bad = tmp_path / "build.pth"
+        with zipfile.ZipFile(bad, "w") as archive:
+            archive.writestr("archive/data.pkl",
+                             b"\x80\x02" + op_global("torch", "FloatStorage") + state + b"b.")
+        with pytest.raises(ValueError, match="build.pth"):
+            weights.read_torch_file(bad)
     # A non-storage persistent id (e.g. a whole pickled module) is refused.
     bad = tmp_path / "pid.pth"
     with zipfile.ZipFile(bad, "w") as archive:
@@ -334,6 +358,20 @@ def _bn(sd, rng, name, c, tracked=True, old_shape=False):
         sd[f"{name}.num_batches_tracked"] = np.array(100, np.int64)
 
 
+class _Zeros:
+    """Stands in for a numpy Generator when only the shapes matter (fast for ResNet-101)."""
+
+    def standard_normal(self, shape):
+        return np.zeros(shape)
+
+    def uniform(self, low, high, shape):
+        return np.full(shape, low)
+
+
+def _rng(seed):
+    return _Zeros() if seed is None else np.random.default_rng(seed)
+
+
 # torchvision: block type and blocks per stage.
 RESNETS = {"resnet18": ("basic", (2, 2, 2, 2)), "resnet34": ("basic", (3, 4, 6, 3)),
            "resnet50": ("bottleneck", (3, 4, 6, 3)), "resnet101": ("bottleneck", (3, 4, 23, 3))}
@@ -341,7 +379,7 @@ RESNETS = {"resnet18": ("basic", (2, 2, 2, 2)), "resnet34": ("basic", (3, 4, 6, 
 
 def torchvision_resnet_state_dict(arch, seed=0, num_classes=1000):
     block, stages = RESNETS[arch]
-    rng = np.random.default_rng(seed)
+    rng = _rng(seed)
     sd = collections.OrderedDict()
     _conv(sd, rng, "conv1", 64, 3, 7)
     _bn(sd, rng, "bn1", 64)
@@ -388,7 +426,7 @@ BN_INCEPTION_BLOCKS = {
 def caffe_bninception_state_dict(seed=0, old_shapes=False):
     """Keys of bn_inception-*.pth: every conv has a bias, its BN is '<conv>_bn'; no
     num_batches_tracked (saved by torch < 0.4); ``old_shapes`` = BN vectors as [1, C]."""
-    rng = np.random.default_rng(seed)
+    rng = _rng(seed)
     sd = collections.OrderedDict()
 
     def unit(name, out_c, in_c, k):
@@ -421,7 +459,7 @@ LITE0_BLOCKS = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40)
 
 
 def efficientnet_lite0_state_dict(seed=0):
-    rng = np.random.default_rng(seed)
+    rng = _rng(seed)
     sd = collections.OrderedDict()
     _conv(sd, rng, "_conv_stem", 32, 3, 3)
     _bn(sd, rng, "_bn0", 32)
@@ -447,8 +485,10 @@ def efficientnet_lite0_state_dict(seed=0):
     return sd
 
 
+# seed=None: zeros of the right shapes.
 REFERENCE_STATE_DICTS = {
-    **{arch: (lambda arch=arch: torchvision_resnet_state_dict(arch)) for arch in RESNETS},
+    **{arch: (lambda seed=0, arch=arch: torchvision_resnet_state_dict(arch, seed))
+       for arch in RESNETS},
     "bninception": caffe_bninception_state_dict,
     "efficientnet_lite0": efficientnet_lite0_state_dict,
 }
@@ -489,7 +529,7 @@ def _state_values(model) -> dict:
 def test_reference_state_dict_fits_the_model_exactly(arch):
     """Every key of the PyTorch architecture has exactly one parameter of the right
     shape, and every parameter is covered (the key sets are equal)."""
-    state_dict = REFERENCE_STATE_DICTS[arch]()
+    state_dict = REFERENCE_STATE_DICTS[arch](seed=None)
     model = _abstract(arch)
     report = weights.convert_state_dict(arch, state_dict, model)
     tensors = [k for k in state_dict if not k.endswith("num_batches_tracked")]
@@ -502,7 +542,7 @@ def test_reference_state_dict_fits_the_model_exactly(arch):
         assert path == _expected_path(key, state_dict[key]), key
 
 
-@pytest.mark.parametrize("arch", sorted(REFERENCE_STATE_DICTS))
+@pytest.mark.parametrize("arch", ["resnet18", "bninception", "efficientnet_lite0"])
 def test_every_tensor_lands_transposed_at_its_place(arch):
     """Spot values, by index, in the layouts' definitions:
     kernel[kh, kw, i, o] = weight[o, i, kh, kw]; dense kernel[i, o] = weight[o, i]."""
@@ -557,10 +597,14 @@ def test_resnet18_stem_matches_numpy_conv_bn():
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
 
 
-def test_bninception_old_shapes_and_biased_conv_bn():
-    """The first port stored BN vectors as [1, C]; convolutions carry a Caffe bias."""
+def test_bninception_python2_file_old_shapes_and_biased_conv_bn(tmp_path):
+    """The port was saved by torch under Python 2 in the legacy format, with BN vectors
+    as [1, C]; its convolutions carry a Caffe bias."""
     state_dict = caffe_bninception_state_dict(seed=5, old_shapes=True)
-    model, report = weights.build_converted_model("bninception", state_dict)
+    path = write_torch_file(tmp_path / "bn_inception.pth", state_dict, "legacy", py2=True)
+    read_back = weights.load_state_dict(path)
+    assert list(read_back) == list(state_dict)
+    model, report = weights.build_converted_model("bninception", read_back)
     assert report.ok, report.summary()
     model.eval()
     x = np.random.default_rng(6).standard_normal((1, 5, 5, 192)).astype(np.float32)

@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 
 import grain
-from absl import flags
 import numpy as np
+from absl import flags
 
 from gl_jax.data.sampler import PKSampler, host_slice
 from gl_jax.data.sources import CorruptImageError, Source, load_with_fallback
-from gl_jax.data.transforms import eval_transform, normalize, train_transform
+from gl_jax.data.transforms import NORMALIZATIONS, RESAMPLING, eval_transform, normalize
+from gl_jax.data.transforms import train_transform
 
 # an "infinite" run: 10**12 steps, far beyond any training.
 _MAX_STEPS = 10 ** 12
@@ -35,6 +37,30 @@ def make_sampler(source: Source, sampler_config, seed: int = 0) -> PKSampler:
 def steps_per_epoch(source: Source, sampler_config) -> int:
     """Training steps (global batches) per epoch; see gl_jax.data.sampler for the formula."""
     return make_sampler(source, sampler_config).num_batches()
+
+
+def validate_data_config(data_config) -> None:
+    """Raises ValueError naming the field for values the pipeline cannot use."""
+    if data_config.normalization not in NORMALIZATIONS:
+        raise ValueError(f"data.normalization={data_config.normalization!r} is not one of "
+                         f"{NORMALIZATIONS}")
+    interpolation = data_config.get("interpolation", "bilinear")
+    if interpolation not in RESAMPLING:
+        raise ValueError(f"data.interpolation={interpolation!r} is not one of "
+                         f"{tuple(RESAMPLING)}")
+    if not 0 < int(data_config.image_size) <= int(data_config.resize_size):
+        raise ValueError(f"data.image_size={data_config.image_size} must be in (0, "
+                         f"data.resize_size={data_config.resize_size}]")
+    low, high = data_config.crop_scale
+    if not 0 < low <= high <= 1:
+        raise ValueError(f"data.crop_scale={tuple(data_config.crop_scale)} must satisfy "
+                         "0 < low <= high <= 1")
+    low, high = data_config.crop_ratio
+    if not 0 < low <= high:
+        raise ValueError(f"data.crop_ratio={tuple(data_config.crop_ratio)} must satisfy "
+                         "0 < low <= high")
+    if int(data_config.worker_count) < 0:
+        raise ValueError(f"data.worker_count={data_config.worker_count} must be >= 0")
 
 
 def _local_batch_size(global_size: int, process_count: int) -> int:
@@ -75,24 +101,40 @@ class _TrainElement:
         self.flip = bool(data_config.flip)
         self.interpolation = str(data_config.get("interpolation", "bilinear"))
         self.skip_corrupt = bool(data_config.skip_corrupt)
+        self._init_caches()
+
+    def _init_caches(self):
+        # per process; read_threads call __call__ concurrently, hence the lock.
+        self._lock = threading.Lock()
         self._cache: dict[int, np.ndarray] = {}
         self._members = None
         self._known_bad: set = set()
 
+    def __getstate__(self):  # worker processes get the arguments, not the caches or lock
+        state = self.__dict__.copy()
+        for key in ("_lock", "_cache", "_members", "_known_bad"):
+            state.pop(key)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._init_caches()
+
     def _epoch(self, epoch: int) -> np.ndarray:
-        if epoch not in self._cache:
-            if len(self._cache) >= 2:
-                self._cache.pop(min(self._cache))
-            self._cache[epoch] = self.sampler.batches(epoch)
-        return self._cache[epoch]
+        with self._lock:
+            if epoch not in self._cache:
+                if len(self._cache) >= 2:  # threads may still be finishing the last epoch
+                    self._cache.pop(min(self._cache))
+                self._cache[epoch] = self.sampler.batches(epoch)
+            if self._members is None:
+                self._members = _ClassMembers(self.source.labels)
+            return self._cache[epoch]
 
     def __call__(self, position: int) -> dict:
         step = self.start_step + position // self.local
         slot = self.offset + position % self.local
         epoch, batch = divmod(step, self.steps)
         index = int(self._epoch(epoch)[batch, slot])
-        if self._members is None:
-            self._members = _ClassMembers(self.source.labels)
         image, _ = load_with_fallback(self.source, index, self.skip_corrupt, self._members,
                                       self._known_bad)
         if self.augment:
@@ -123,8 +165,6 @@ def _finish(dataset: grain.MapDataset, data_config) -> grain.IterDataset:
                              prefetch_buffer_size=int(data_config.get("prefetch_batches", 2)))
     it = dataset.to_iter_dataset(read)
     workers = int(data_config.worker_count)
-    if workers < 0:
-        raise ValueError(f"data.worker_count={workers} must be >= 0")
     if workers > 0:
         # grain's workers read absl flags; a program that never parsed them (a test, a
         # notebook) would fail there with UnparsedFlagAccessError.
@@ -146,6 +186,7 @@ def make_train_iterator(source: Source, data_config, sampler_config, *, process_
     state instead (`grain.checkpoint.CheckpointRestore`): the next batch is the exact one
     the interrupted run would have got.
     """
+    validate_data_config(data_config)
     sampler = make_sampler(source, sampler_config, int(data_config.seed))
     local = _local_batch_size(sampler.batch_size, process_count)
     host_slice(np.zeros((1, sampler.batch_size)), process_index, process_count)  # validates
@@ -216,6 +257,7 @@ def make_eval_iterator(source: Source, data_config, batch_size: int, *, process_
     mask bool [L]); rows past the end are padding (mask False, label/index -1), so every
     batch has the same shape. With skip_corrupt, a corrupt image's row has mask False.
     """
+    validate_data_config(data_config)
     local = _local_batch_size(int(batch_size), process_count)
     host_slice(np.zeros((1, int(batch_size))), process_index, process_count)  # validates
     element = _EvalElement(source, data_config, int(batch_size), local, process_index)

@@ -17,7 +17,7 @@ CAFFE_BGR_MEAN = np.asarray([104.0, 117.0, 128.0], np.float32)
 IMAGENET_MEAN = np.asarray([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.asarray([0.229, 0.224, 0.225], np.float32)
 
-_RESAMPLE = {"bilinear": Image.BILINEAR, "nearest": Image.NEAREST, "bicubic": Image.BICUBIC}
+RESAMPLING = {"bilinear": Image.BILINEAR, "nearest": Image.NEAREST, "bicubic": Image.BICUBIC}
 
 
 def random_resized_crop_box(height: int, width: int, rng: np.random.Generator,
@@ -60,7 +60,7 @@ def train_transform(image, rng: np.random.Generator, image_size: int, scale=(0.0
     image = _as_pil(image)
     top, left, h, w = random_resized_crop_box(image.height, image.width, rng, scale, ratio)
     out = image.crop((left, top, left + w, top + h))
-    out = out.resize((image_size, image_size), _RESAMPLE[interpolation])
+    out = out.resize((image_size, image_size), RESAMPLING[interpolation])
     # always draw, so the stream of random numbers does not depend on `flip`.
     if rng.random() < 0.5 and flip:
         out = out.transpose(Image.FLIP_LEFT_RIGHT)
@@ -81,7 +81,7 @@ def eval_transform(image, image_size: int, resize_size: int,
     else:
         new_h, new_w = max(1, int(resize_size * height / width)), resize_size
     if (new_w, new_h) != image.size:
-        image = image.resize((new_w, new_h), _RESAMPLE[interpolation])
+        image = image.resize((new_w, new_h), RESAMPLING[interpolation])
     # torchvision's CenterCrop offsets: round((size_in - size_out) / 2).
     top = int(round((new_h - image_size) / 2.0))
     left = int(round((new_w - image_size) / 2.0))

@@ -41,7 +41,7 @@ import numpy as np
 from gl_jax.evaluation import _checks
 from gl_jax.evaluation import exact_knn as knn_lib
 
-DEFAULT_PAIR_BUDGET = 1 << 24
+DEFAULT_PAIR_BUDGET = 1 << 23  # ~0.6 GiB of temporaries per step
 
 
 def _reciprocal_members(forward: np.ndarray, chunk: int = 4096) -> np.ndarray:
@@ -68,7 +68,7 @@ def _expanded_sets(recip: np.ndarray, recip_half: np.ndarray, chunk: int = 1024)
     shared = ((cand[:, :, :, None] == own[:, None, None, :]) & (cand[:, :, :, None] >= 0))
     shared = shared.any(axis=3).sum(axis=2)
     # Zhong: |R(c, k1/2) & R(i, k1)| > 2/3 |R(c, k1/2)|, in integers.
-    take = (own >= 0) & (2 * shared > 1 * cand_size)
+    take = (own >= 0) & (3 * shared > 2 * cand_size)
     members = np.concatenate(
         [own, np.where(take[:, :, None], cand, -1).reshape(stop - start, -1)], axis=1)
     rows = np.broadcast_to(np.arange(start, stop)[:, None], members.shape)
@@ -109,12 +109,27 @@ class _Csr:
     return owner, self.cols[pos], self.vals[pos]
 
 
-def _query_expansion(v: _Csr, nearest: np.ndarray, chunk: int = 2048) -> _Csr:
+def _row_chunks(cost: np.ndarray, budget: int, max_rows: int):
+  """Consecutive [start, stop) row ranges of at most max_rows rows and (unless a single row
+  exceeds it) at most `budget` total cost."""
+  n = cost.shape[0]
+  start = 0
+  while start < n:
+    stop = start + 1
+    total = int(cost[start])
+    while stop < min(start + max_rows, n) and total + int(cost[stop]) <= budget:
+      total += int(cost[stop])
+      stop += 1
+    yield start, stop
+    start = stop
+
+
+def _query_expansion(v: _Csr, nearest: np.ndarray, budget: int) -> _Csr:
   """V'[i] = mean of V[j] over j in nearest[i] (N, k2); returns V' as CSR."""
   n, k2 = nearest.shape
+  row_len = np.diff(v.indptr)
   rows_out, cols_out, vals_out = [], [], []
-  for start in range(0, n, chunk):
-    stop = min(start + chunk, n)
+  for start, stop in _row_chunks(row_len[nearest].sum(axis=1), budget, n):
     owner, cols, vals = v.gather_rows(nearest[start:stop].reshape(-1))
     dest = start + owner // k2
     keys, inverse = np.unique(dest.astype(np.int64) * n + cols, return_inverse=True)
@@ -177,7 +192,8 @@ def k_reciprocal_rerank(query_embeddings, gallery_embeddings=None, *, k1: int = 
       smaller gallery index, the query itself excluded when query = gallery.
     normalize: L2-normalise rows first.
     block_size: query rows per block of the Jaccard/final step.
-    pair_budget: most (query entry, partner) pairs expanded at once (bounds memory).
+    pair_budget: most sparse pairs expanded at once in the query expansion and Jaccard
+      steps (about 80 bytes each): bounds their temporary memory.
   Returns:
     the dense matrix, or (distances, indices) when ``top_k`` is given.
   """
@@ -206,6 +222,7 @@ def k_reciprocal_rerank(query_embeddings, gallery_embeddings=None, *, k1: int = 
     limit = n_gallery - 1 if same_set else n_gallery
     (top_k,) = _checks.as_ks("top_k", (top_k,), limit, "the number of gallery items")
   block_size = _checks.check_positive_int("block_size", block_size)
+  pair_budget = _checks.check_positive_int("pair_budget", pair_budget)
   if normalize:
     x = knn_lib.l2_normalize(x)
 
@@ -224,7 +241,7 @@ def k_reciprocal_rerank(query_embeddings, gallery_embeddings=None, *, k1: int = 
   weights /= np.bincount(rows, weights=weights, minlength=n)[rows]
   v = _Csr(n, rows, cols, weights)
   if k2 > 1:
-    v = _query_expansion(v, nearest[:, :k2])
+    v = _query_expansion(v, nearest[:, :k2], pair_budget)
 
   col_order = np.argsort(v.cols, kind="stable")
   col_ptr = np.zeros(n + 1, np.int64)
@@ -238,14 +255,8 @@ def k_reciprocal_rerank(query_embeddings, gallery_embeddings=None, *, k1: int = 
   gallery_sq_dev = jax.device_put(gallery_sq)
   pad_rows = min(block_size, n_query)
   results = []
-  start = 0
-  while start < n_query:
-    # Rows of this block: at most block_size, and at most pair_budget expanded pairs.
-    stop = start + 1
-    budget = pairs_per_row[start]
-    while stop < min(start + block_size, n_query) and budget + pairs_per_row[stop] <= pair_budget:
-      budget += pairs_per_row[stop]
-      stop += 1
+  # Rows of a block: at most block_size, and at most pair_budget expanded pairs.
+  for start, stop in _row_chunks(pairs_per_row[:n_query], pair_budget, block_size):
     overlap = _min_overlap_block(v, col_order, col_ptr, start, stop, gallery_start,
                                  n_gallery).astype(np.float32)
     b = stop - start
@@ -258,6 +269,5 @@ def k_reciprocal_rerank(query_embeddings, gallery_embeddings=None, *, k1: int = 
                        lambda_value=jnp.float32(lambda_value), k=top_k or 0,
                        exclude_self=same_set and top_k is not None)
     results.append([np.asarray(o)[:b] for o in out])
-    start = stop
   outs = [np.concatenate(parts) for parts in zip(*results)]
   return outs[0] if top_k is None else (outs[0], outs[1])

@@ -10,14 +10,16 @@ two rules:
 
   | gl_jax leaf | PyTorch | transform |
   |---|---|---|
-  | conv ``kernel`` [kh, kw, in/groups, out] (HWIO) | ``weight`` [out, in/groups, kh, kw] (OIHW) | ``transpose(2, 3, 1, 0)`` (a depthwise [C, 1, k, k] becomes [k, k, 1, C]) |
+  | conv ``kernel`` [kh, kw, in/g, out] | ``weight`` [out, in/g, kh, kw] | ``.transpose(2,3,1,0)`` |
   | linear ``kernel`` [in, out] | ``weight`` [out, in] | ``transpose()`` |
   | ``bias`` | ``bias`` | - |
   | BatchNorm ``scale`` / ``bias`` | ``weight`` / ``bias`` | - |
   | BatchNorm ``mean`` / ``var`` | ``running_mean`` / ``running_var`` | - |
 
-  ``num_batches_tracked`` has no counterpart and is ignored. Per-channel vectors stored
-  as [1, C] (the first BN-Inception port) are flattened to [C].
+  (HWIO from OIHW; a depthwise [C, 1, k, k] becomes [k, k, 1, C], Flax's layout for
+  ``feature_group_count=C``.) ``num_batches_tracked`` has no counterpart and is
+  ignored. Per-channel vectors stored as [1, C] (the first BN-Inception port) are
+  flattened to [C].
 
 The classifier head of the file (``fc``, ``last_linear``, ``_fc``) goes into the
 model's ``classifier`` only when that makes sense: the model has no extra embedding

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import io
+import math
 import os
 import pickle
 import struct
@@ -90,31 +91,58 @@ _TORCH_DTYPES: dict[str, Callable[[], np.dtype]] = {
 }
 
 
-class _StorageType:
+class _Frozen:
+    """Immutable after construction: the pickle's BUILD opcode (``__setstate__`` /
+    attribute assignment) must not be able to change, e.g., the dtype a storage class
+    reads its bytes with."""
+
+    __slots__ = ()
+
+    def __setattr__(self, name, value):
+        raise UnsafeCheckpointError(f"refusing to set attribute {name!r} on {self!r}")
+
+
+class _StorageType(_Frozen):
     """Stands in for ``torch.FloatStorage`` & co.: a name and a dtype, not callable."""
 
+    __slots__ = ("name", "dtype")
+
     def __init__(self, name: str):
-        self.name = name
-        self.dtype = _STORAGE_DTYPES[name]()
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "dtype", _STORAGE_DTYPES[name]())
 
     def __repr__(self) -> str:
         return f"torch.{self.name}"
 
 
-class _TorchDtype:
+class _TorchDtype(_Frozen):
     """Stands in for ``torch.float32`` & co."""
 
+    __slots__ = ("name", "dtype")
+
     def __init__(self, name: str):
-        self.name = name
-        self.dtype = _TORCH_DTYPES[name]()
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "dtype", _TORCH_DTYPES[name]())
+
+    def __repr__(self) -> str:
+        return f"torch.{self.name}"
 
 
-class _Storage:
-    """A loaded storage: a flat 1-D NumPy array of its elements."""
+class _Storage(_Frozen):
+    """A loaded storage: a flat 1-D NumPy array of its elements (filled later in the
+    legacy format, through `_fill`)."""
+
+    __slots__ = ("array", "key")
 
     def __init__(self, array: np.ndarray, key: str):
-        self.array = array
-        self.key = key
+        object.__setattr__(self, "array", array)
+        object.__setattr__(self, "key", key)
+
+    def _fill(self, array: np.ndarray) -> None:
+        object.__setattr__(self, "array", array)
+
+    def __repr__(self) -> str:
+        return f"storage {self.key}"
 
 
 def _check_int_tuple(value: Any, what: str, source: str) -> tuple[int, ...]:
@@ -159,6 +187,11 @@ def _rebuild_array(storage: Any, storage_offset: Any, size: Any, stride: Any,
         raise ValueError(f"{source}: tensor size {size} and stride {stride} differ in length")
     if 0 in size:
         return np.zeros(size, flat.dtype)
+    if math.prod(size) > flat.size:
+        # Only expanded (stride-0) views can be larger than their storage; a state dict
+        # has none, and a file claiming one could exhaust memory.
+        raise ValueError(f"{source}: tensor of size {size} has more elements than its "
+                         f"storage {storage.key} ({flat.size})")
     last = storage_offset + sum((d - 1) * s for d, s in zip(size, stride))
     if last >= flat.size:
         raise ValueError(
@@ -318,6 +351,11 @@ def _read_zip(path: str) -> Any:
 
 
 def _read_legacy(path: str) -> Any:
+    size = os.path.getsize(path)
+
+    def remaining(f) -> int:
+        return size - f.tell()
+
     with open(path, "rb") as f:
         header = []
         for what in ("magic number", "protocol version", "system info"):
@@ -372,9 +410,13 @@ def _read_legacy(path: str) -> Any:
             if count != numel:
                 raise ValueError(f"{path}: storage {key} has {count} elements on disk, "
                                  f"{numel} in its id")
-            raw = f.read(count * storage_type.dtype.itemsize)
-            storages[key].array = _storage_array(raw, storage_type, numel, key, path,
-                                                 byteorder)
+            nbytes = count * storage_type.dtype.itemsize
+            if nbytes > remaining(f):
+                raise ValueError(f"{path}: storage {key} claims {nbytes} bytes, the file has "
+                                 f"{remaining(f)} left")
+            raw = f.read(nbytes)
+            storages[key]._fill(_storage_array(raw, storage_type, numel, key, path,
+                                               byteorder))
     return result
 
 
@@ -395,9 +437,19 @@ def read_torch_file(path: str | os.PathLike) -> Any:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"PyTorch checkpoint not found: {path}")
-    if zipfile.is_zipfile(path):
-        return _resolve(_read_zip(path))
-    return _resolve(_read_legacy(path))
+    try:
+        if zipfile.is_zipfile(path):
+            return _resolve(_read_zip(path))
+        return _resolve(_read_legacy(path))
+    except UnsafeCheckpointError as e:
+        if path in str(e):
+            raise
+        raise UnsafeCheckpointError(f"{path}: {e}") from e
+    except (ValueError, MemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 - a malformed pickle fails in many ways
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint "
+                         f"({type(e).__name__}: {e})") from e
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:

@@ -1,0 +1,220 @@
+"""End-to-end tests of the trainer on the embedded digits config (CPU-sized)."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import jax
+import orbax.checkpoint as ocp
+
+from configs import digits
+from gl_jax import evaluation
+from gl_jax import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def quick_config(**overrides):
+    config = digits.get_config("quick")
+    config.logging.progress = False
+    for dotted, value in overrides.items():
+        section, field = dotted.split("__")
+        config[section][field] = value
+    return config
+
+
+def read_metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def read_results(workdir):
+    with open(os.path.join(workdir, "results.json")) as f:
+        return json.load(f)
+
+
+def latest_params(workdir):
+    """The parameters of the newest checkpoint as a flat {path: array} dict."""
+    manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+    step = manager.latest_step()
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    manager.close()
+    flat = jax.tree_util.tree_flatten_with_path(restored["state"]["params"])[0]
+    return step, {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in flat}
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One uninterrupted run of digits:quick, shared by the tests that compare against it."""
+    workdir = str(tmp_path_factory.mktemp("quick"))
+    state = train.train_and_evaluate(quick_config(), workdir)
+    return workdir, state
+
+
+def test_quick_run_writes_everything(quick_run):
+    workdir, state = quick_run
+    config = quick_config()
+    stages = train.make_stages(config, train.load_splits(config)["train"])
+    assert int(state.step) == stages[-1].last_step
+    for name in ("config.json", "metrics.jsonl", "results.json"):
+        assert os.path.exists(os.path.join(workdir, name)), name
+    assert any(f.startswith("events.out.tfevents")
+               for f in os.listdir(os.path.join(workdir, "tensorboard")))
+    rows = read_metrics(workdir)
+    logged = set().union(*rows)
+    for key in ("warmup/loss", "group/loss", "group/group_loss", "group/ce", "group/lr",
+                "group/grad_norm", "group/param_norm", "test/recall@1", "final_test/map@r"):
+        assert key in logged, key
+    results = read_results(workdir)
+    assert results["protocol"] == "paper" and "TEST split" in results["note"]
+    assert 0.0 < results["test"]["recall@1"] <= 1.0
+
+
+def test_digits_learns_above_untrained(quick_run):
+    """The trained embedding beats the same network untrained on the held-out digits."""
+    workdir, _ = quick_run
+    config = quick_config()
+    splits = train.load_splits(config)
+    model = train.build_model(config, splits["train"].num_classes)
+    graphdef, state = train.create_train_state(model, train.make_optimizer(1e-3))
+    mesh = train.make_mesh(config.mesh)
+    embed = train.Embedder(graphdef, mesh, train.state_shardings(state, mesh, False), config)
+    out = embed(state, splits["test"])
+    untrained = evaluation.retrieval_metrics(out["embedding"], out["label"], nmi=False)
+    trained = read_results(workdir)["test"]
+    print("untrained", untrained, "trained", trained)
+    assert trained["recall@1"] >= untrained["recall@1"] + 0.01
+    assert trained["map@r"] >= untrained["map@r"] + 0.05
+
+
+def _run_main(workdir, *flags, wait=True):
+    cmd = [sys.executable, "-m", "gl_jax.main", "--config=configs/digits.py:quick",
+           f"--workdir={workdir}", "--config.logging.progress=False", *flags]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    if wait:
+        out, _ = proc.communicate(timeout=600)
+        return proc.returncode, out
+    return proc
+
+
+def _wait_for_checkpoint(proc, workdir, min_step, timeout=300):
+    ckpt = os.path.join(workdir, "checkpoints")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if os.path.isdir(ckpt) and any(d.isdigit() and int(d) >= min_step for d in os.listdir(ckpt)):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended before step {min_step}:\n{proc.stdout.read()}")
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint appeared in time")
+
+
+def test_sigkill_then_restart_matches_uninterrupted(quick_run, tmp_path):
+    reference_dir, _ = quick_run
+    workdir = str(tmp_path / "killed")
+    proc = _run_main(workdir, wait=False)
+    _wait_for_checkpoint(proc, workdir, min_step=25)   # inside the 2nd group epoch
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(os.path.join(workdir, "results.json")), "killed too late"
+    code, out = _run_main(workdir)
+    assert code == 0, out
+    assert "resumed from step" in out
+    assert read_results(workdir)["test"] == read_results(reference_dir)["test"]
+    step_a, params_a = latest_params(workdir)
+    step_b, params_b = latest_params(reference_dir)
+    assert step_a == step_b and params_a.keys() == params_b.keys()
+    for key in params_a:
+        np.testing.assert_array_equal(params_a[key], params_b[key], err_msg=key)
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    workdir = str(tmp_path / "preempted")
+    proc = _run_main(workdir, wait=False)
+    _wait_for_checkpoint(proc, workdir, min_step=5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    if os.path.exists(os.path.join(workdir, "results.json")):
+        pytest.skip("the run finished before SIGTERM arrived")
+    assert "SIGTERM" in out
+    code, out = _run_main(workdir)
+    assert code == 0 and "resumed from step" in out, out
+    assert os.path.exists(os.path.join(workdir, "results.json"))
+
+
+def test_corrupt_latest_checkpoint_is_skipped(quick_run, tmp_path):
+    reference_dir, _ = quick_run
+    workdir = str(tmp_path / "corrupt")
+    shutil.copytree(reference_dir, workdir)
+    os.remove(os.path.join(workdir, "results.json"))
+    ckpt = os.path.join(workdir, "checkpoints")
+    steps = sorted(int(d) for d in os.listdir(ckpt) if d.isdigit())
+    # Damage every file of the newest checkpoint, as a crash during a write could.
+    for root, _, files in os.walk(os.path.join(ckpt, str(steps[-1]))):
+        for name in files:
+            with open(os.path.join(root, name), "wb") as f:
+                f.write(b"\x00garbage")
+    checkpoints = train.Checkpoints(workdir, quick_config())
+    step, _ = checkpoints.latest_meta()
+    checkpoints.close()
+    assert step == steps[-2]
+    train.train_and_evaluate(quick_config(), workdir)
+    assert read_results(workdir)["test"] == read_results(reference_dir)["test"]
+
+
+def test_one_and_four_devices_give_the_same_losses(tmp_path):
+    assert jax.device_count() >= 4, "tests/conftest.py asks for 4 CPU devices"
+    overrides = dict(schedule__epochs=1, schedule__steps_per_epoch=4, warmup__steps_per_epoch=4,
+                     logging__every_steps=1, checkpoint__every_steps=100)
+    losses = {}
+    for devices in (1, 4):
+        config = quick_config(mesh__num_devices=devices, **overrides)
+        workdir = str(tmp_path / f"dev{devices}")
+        train.train_and_evaluate(config, workdir)
+        losses[devices] = [(r["step"], r.get("warmup/loss", r.get("group/loss")))
+                           for r in read_metrics(workdir) if "warmup/loss" in r or "group/loss" in r]
+    assert len(losses[1]) == 8
+    assert [s for s, _ in losses[1]] == [s for s, _ in losses[4]]
+    np.testing.assert_allclose([v for _, v in losses[4]], [v for _, v in losses[1]], rtol=2e-5)
+
+
+def test_sharded_parameters_match_replicated(tmp_path):
+    overrides = dict(schedule__epochs=1, schedule__steps_per_epoch=3, warmup__epochs=0,
+                     logging__every_steps=1, mesh__num_devices=4)
+    result = {}
+    for shard in (False, True):
+        workdir = str(tmp_path / f"shard{shard}")
+        train.train_and_evaluate(quick_config(mesh__shard_params=shard, **overrides), workdir)
+        result[shard] = [r["group/loss"] for r in read_metrics(workdir) if "group/loss" in r]
+    np.testing.assert_allclose(result[True], result[False], rtol=2e-5)
+
+
+def test_non_finite_loss_stops_naming_step_and_checkpoint(tmp_path):
+    config = quick_config(warmup__lr=1e38, logging__every_steps=1)
+    with pytest.raises(train.NonFiniteLossError, match=r"non-finite loss .* at step \d+"):
+        train.train_and_evaluate(config, str(tmp_path / "nan"))
+
+
+@pytest.mark.parametrize("overrides,error,match", [
+    (dict(sampler__classes_per_batch=3, sampler__samples_per_class=5), ValueError,
+     r"config.sampler: the global batch 3 x 5 = 15 is not divisible by the 4 devices"),
+    (dict(sampler__classes_per_batch=6), ValueError,
+     r"config.sampler.classes_per_batch = 6 but the training split of 'digits' has only 5"),
+    (dict(model__name="resnet9000"), ValueError, r"config.model.name = 'resnet9000' is unknown"),
+    (dict(data__name="image_folder", data__root="/nonexistent/gl_jax"), FileNotFoundError,
+     r"config.data.root = '/nonexistent/gl_jax'"),
+    (dict(selection__protocol="validation"), ValueError, r"set config.data.val_classes > 0"),
+    (dict(mesh__num_devices=64), ValueError, r"config.mesh.num_devices = 64"),
+])
+def test_invalid_configs_fail_before_compiling(overrides, error, match, tmp_path):
+    with pytest.raises(error, match=match):
+        train.train_and_evaluate(quick_config(**overrides), str(tmp_path / "bad"))
+    assert not os.path.exists(tmp_path / "bad" / "checkpoints")
