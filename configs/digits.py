@@ -19,13 +19,15 @@ def get_config(arg: str | None = None):
     config.sampler.samples_per_class = 8
     config.loss.temperature = 10.0
     config.loss.anchors_per_class = 2
-    config.optimizer.lr = 1e-3
+    config.optimizer.lr = 1e-2
     config.optimizer.weight_decay = 1e-4
     config.schedule.epochs = 8
     config.schedule.lr_drop_epochs = (6,)
     config.schedule.lr_drop_factors = (0.1,)
     config.warmup.epochs = 2
-    config.warmup.lr = 1e-3
+    # Trained from scratch, not fine-tuned: the usual Adam eps instead of the recipe's 1e-2.
+    config.warmup.lr = 1e-2
+    config.warmup.eps = 1e-8
     config.warmup.classes_per_batch = 4
     config.warmup.samples_per_class = 8
     config.evals.batch_size = 128

@@ -166,7 +166,7 @@ def train_step(graphdef, tx, spec: LossSpec, state: TrainState, batch):
                                                                     state.model_state)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics.update(grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params),
+    metrics.update(grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params),
                    lr=opt_state.hyperparams["learning_rate"])
     new_state = TrainState(step=state.step + 1, params=params, model_state=model_state,
                            opt_state=opt_state)

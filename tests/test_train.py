@@ -76,42 +76,88 @@ def test_quick_run_writes_everything(quick_run):
     assert 0.0 < results["test"]["recall@1"] <= 1.0
 
 
-def test_digits_learns_above_untrained(quick_run):
-    """The trained embedding beats the same network untrained on the held-out digits."""
-    workdir, _ = quick_run
-    config = quick_config()
+def untrained_metrics(config):
+    """Held-out metrics of the configured network at its initialisation."""
     splits = train.load_splits(config)
     model = train.build_model(config, splits["train"].num_classes)
     graphdef, state = train.create_train_state(model, train.make_optimizer(1e-3))
     mesh = train.make_mesh(config.mesh)
     embed = train.Embedder(graphdef, mesh, train.state_shardings(state, mesh, False), config)
     out = embed(state, splits["test"])
-    untrained = evaluation.retrieval_metrics(out["embedding"], out["label"], nmi=False)
-    trained = read_results(workdir)["test"]
-    print("untrained", untrained, "trained", trained)
-    assert trained["recall@1"] >= untrained["recall@1"] + 0.01
-    assert trained["map@r"] >= untrained["map@r"] + 0.05
+    return evaluation.retrieval_metrics(out["embedding"], out["label"], nmi=False)
 
 
-def _run_main(workdir, *flags, wait=True):
-    cmd = [sys.executable, "-m", "gl_jax.main", "--config=configs/digits.py:quick",
-           f"--workdir={workdir}", "--config.logging.progress=False", *flags]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    if wait:
-        out, _ = proc.communicate(timeout=600)
-        return proc.returncode, out
-    return proc
+def test_digits_quick_fits_its_training_classes(quick_run):
+    """The objective is learned: lower group loss and higher accuracy on the training digits.
+
+    (On the held-out digits 5-9 a random-init CNN already has Recall@1 ~0.98 and five
+    training classes are too few to beat it; held-out learning is asserted on Omniglot.)"""
+    workdir, _ = quick_run
+    rows = [r for r in read_metrics(workdir) if "group/group_loss" in r]
+    first, last = rows[0], rows[-2:]
+    assert np.mean([r["group/group_loss"] for r in last]) < first["group/group_loss"] - 0.05
+    assert np.mean([r["group/ce"] for r in last]) < first["group/ce"] - 0.15
+    assert np.mean([r["group/accuracy"] for r in last]) > first["group/accuracy"] + 0.25
 
 
-def _wait_for_checkpoint(proc, workdir, min_step, timeout=300):
+OMNIGLOT_ZIP = os.path.join(REPO, "..", "shared", "datasets", "omniglot",
+                            "images_background_small1.zip")
+
+
+@pytest.mark.skipif(not os.path.exists(OMNIGLOT_ZIP), reason="the Omniglot copy is absent")
+def test_image_folder_quick_learns_held_out_omniglot_characters(tmp_path):
+    """68 training characters -> 68 unseen ones: Recall@1 clearly above the untrained net."""
+    import zipfile
+    from configs import image_folder
+    with zipfile.ZipFile(OMNIGLOT_ZIP) as z:
+        z.extractall(tmp_path / "omniglot")
+    config = image_folder.get_config("quick")
+    config.data.root = str(tmp_path / "omniglot" / "images_background_small1")
+    config.logging.progress = False
+    config.schedule.epochs = 3
+    config.evals.every_epochs = 3
+    config.mesh.num_devices = 2   # 6 x 9 = 54 images per step
+    before = untrained_metrics(config)
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+    after = read_results(str(tmp_path / "run"))["test"]
+    print("untrained", before, "trained", after)
+    assert after["recall@1"] > before["recall@1"] + 0.1
+    assert after["map@r"] > before["map@r"] + 0.05
+
+
+class _Run:
+    """`python -m gl_jax.main` on digits:quick in a subprocess, its output in a file (a pipe
+    nobody reads would fill up and block the child)."""
+
+    def __init__(self, workdir, *flags):
+        os.makedirs(workdir, exist_ok=True)
+        self.log = os.path.join(workdir, f"log{time.time_ns()}.txt")
+        cmd = [sys.executable, "-m", "gl_jax.main", "--config=configs/digits.py:quick",
+               f"--workdir={workdir}", "--config.logging.progress=False", *flags]
+        with open(self.log, "w") as out:
+            self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+
+    def output(self):
+        with open(self.log) as f:
+            return f.read()
+
+    def wait(self, timeout=600):
+        self.proc.wait(timeout=timeout)
+        return self.proc.returncode, self.output()
+
+
+def _run_main(workdir, *flags):
+    return _Run(workdir, *flags).wait()
+
+
+def _wait_for_checkpoint(run, workdir, min_step, timeout=300):
     ckpt = os.path.join(workdir, "checkpoints")
     deadline = time.time() + timeout
     while time.time() < deadline:
         if os.path.isdir(ckpt) and any(d.isdigit() and int(d) >= min_step for d in os.listdir(ckpt)):
             return
-        if proc.poll() is not None:
-            raise AssertionError(f"the run ended before step {min_step}:\n{proc.stdout.read()}")
+        if run.proc.poll() is not None:
+            raise AssertionError(f"the run ended before step {min_step}:\n{run.output()}")
         time.sleep(0.05)
     raise AssertionError("no checkpoint appeared in time")
 
@@ -119,10 +165,10 @@ def _wait_for_checkpoint(proc, workdir, min_step, timeout=300):
 def test_sigkill_then_restart_matches_uninterrupted(quick_run, tmp_path):
     reference_dir, _ = quick_run
     workdir = str(tmp_path / "killed")
-    proc = _run_main(workdir, wait=False)
-    _wait_for_checkpoint(proc, workdir, min_step=25)   # inside the 2nd group epoch
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    run = _Run(workdir)
+    _wait_for_checkpoint(run, workdir, min_step=25)   # inside the 2nd group epoch
+    run.proc.send_signal(signal.SIGKILL)
+    run.wait()
     assert not os.path.exists(os.path.join(workdir, "results.json")), "killed too late"
     code, out = _run_main(workdir)
     assert code == 0, out
@@ -137,11 +183,11 @@ def test_sigkill_then_restart_matches_uninterrupted(quick_run, tmp_path):
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
     workdir = str(tmp_path / "preempted")
-    proc = _run_main(workdir, wait=False)
-    _wait_for_checkpoint(proc, workdir, min_step=5)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out
+    run = _Run(workdir)
+    _wait_for_checkpoint(run, workdir, min_step=5)
+    run.proc.send_signal(signal.SIGTERM)
+    code, out = run.wait()
+    assert code == 0, out
     if os.path.exists(os.path.join(workdir, "results.json")):
         pytest.skip("the run finished before SIGTERM arrived")
     assert "SIGTERM" in out

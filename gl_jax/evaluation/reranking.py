@@ -254,7 +254,10 @@ def k_reciprocal_rerank(query_embeddings, gallery_embeddings=None, *, k1: int = 
   gallery_dev = jax.device_put(gallery)
   gallery_sq_dev = jax.device_put(gallery_sq)
   pad_rows = min(block_size, n_query)
-  results = []
+  width = n_gallery if top_k is None else top_k
+  outs = [np.empty((n_query, width), np.float32)]  # filled block by block: no second copy
+  if top_k is not None:
+    outs.append(np.empty((n_query, top_k), np.int32))
   # Rows of a block: at most block_size, and at most pair_budget expanded pairs.
   for start, stop in _row_chunks(pairs_per_row[:n_query], pair_budget, block_size):
     overlap = _min_overlap_block(v, col_order, col_ptr, start, stop, gallery_start,
@@ -268,6 +271,6 @@ def k_reciprocal_rerank(query_embeddings, gallery_embeddings=None, *, k1: int = 
     out = _final_block(qb, ob, rb, jnp.int32(start), gallery_dev, gallery_sq_dev,
                        lambda_value=jnp.float32(lambda_value), k=top_k or 0,
                        exclude_self=same_set and top_k is not None)
-    results.append([np.asarray(o)[:b] for o in out])
-  outs = [np.concatenate(parts) for parts in zip(*results)]
+    for target, o in zip(outs, out):
+      target[start:stop] = np.asarray(o)[:b]
   return outs[0] if top_k is None else (outs[0], outs[1])

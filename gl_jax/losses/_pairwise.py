@@ -1,0 +1,125 @@
+"""Shared pieces of the pair-, triplet- and proxy-based baseline losses.
+
+Argument checks, the compute dtype, safe L2 normalisation, pairwise distances with a
+finite gradient at zero distance, and the same-class masks. Imports nothing of gl_jax.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+import jax
+import jax.numpy as jnp
+
+# Norms below this are treated as zero: a zero embedding normalises to zero instead of
+# 0/0, and 1/_NORM_EPS = 1e12 keeps the gradient finite in float32.
+_NORM_EPS = 1e-12
+
+# Squared distances at or below this count as zero: sqrt has an infinite derivative at 0,
+# so such pairs get distance 0 and gradient 0 (a subgradient of |x_i - x_j|).
+_SQDIST_EPS = 1e-16
+
+
+def compute_dtype(*arrays) -> jnp.dtype:
+    """float32 for bfloat16/float16/float32 inputs; float64 only if an input is float64."""
+    dtype = jnp.float32
+    for a in arrays:
+        if a is not None:
+            dtype = jnp.promote_types(dtype, jnp.asarray(a).dtype)
+    return dtype
+
+
+def concrete(x):
+    """The value of `x` as numpy when it is known at trace time, else None (under jit/vmap)."""
+    try:
+        return np.asarray(x)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def check_embeddings_and_labels(embeddings, labels) -> None:
+    """`embeddings` float [n, d], `labels` int [n]; ValueError naming the argument otherwise."""
+    if jnp.ndim(embeddings) != 2:
+        raise ValueError(f"embeddings must have rank 2 ([n, d]), got shape {jnp.shape(embeddings)}.")
+    if not jnp.issubdtype(jnp.result_type(embeddings), jnp.floating):
+        raise ValueError(
+            f"embeddings must be floating point, got dtype {jnp.result_type(embeddings)}.")
+    n = jnp.shape(embeddings)[0]
+    if jnp.shape(labels) != (n,):
+        raise ValueError(
+            f"labels must have shape [n] = ({n},) to match embeddings {jnp.shape(embeddings)}; "
+            f"got {jnp.shape(labels)}.")
+    if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
+        raise ValueError(f"labels must be integers, got dtype {jnp.result_type(labels)}.")
+
+
+def check_proxies(proxies, embeddings, labels) -> None:
+    """`proxies` float [m, d] with d = embeddings.shape[1]; labels (when concrete) in [0, m)."""
+    if jnp.ndim(proxies) != 2:
+        raise ValueError(f"proxies must have rank 2 ([m, d]), got shape {jnp.shape(proxies)}.")
+    if not jnp.issubdtype(jnp.result_type(proxies), jnp.floating):
+        raise ValueError(f"proxies must be floating point, got dtype {jnp.result_type(proxies)}.")
+    m, d = jnp.shape(proxies)
+    if d != jnp.shape(embeddings)[1]:
+        raise ValueError(
+            f"proxies must be [m, d] with d = embeddings.shape[1] = {jnp.shape(embeddings)[1]}; "
+            f"got proxies {jnp.shape(proxies)} and embeddings {jnp.shape(embeddings)}.")
+    values = concrete(labels)
+    if values is not None and values.size:
+        bad = (values < 0) | (values >= m)
+        if bad.any():
+            raise ValueError(
+                f"labels must lie in [0, {m}) (proxies have m = {m} classes); got "
+                f"{values[bad][:5].tolist()} at positions {np.flatnonzero(bad)[:5].tolist()}.")
+
+
+def check_positive(name: str, value) -> None:
+    """A hyperparameter that must be finite and > 0 (checked when concrete)."""
+    v = concrete(value)
+    if v is not None and not (np.all(np.isfinite(v)) and np.all(v > 0)):
+        raise ValueError(f"{name} must be finite and > 0, got {v}.")
+
+
+def check_nonnegative(name: str, value) -> None:
+    """A hyperparameter that must be finite and >= 0 (checked when concrete)."""
+    v = concrete(value)
+    if v is not None and not (np.all(np.isfinite(v)) and np.all(v >= 0)):
+        raise ValueError(f"{name} must be finite and >= 0, got {v}.")
+
+
+def check_finite(name: str, value) -> None:
+    v = concrete(value)
+    if v is not None and not np.all(np.isfinite(v)):
+        raise ValueError(f"{name} must be finite, got {v}.")
+
+
+def l2_normalize(x: jax.Array) -> jax.Array:
+    """Rows divided by their L2 norm; an all-zero row stays zero (finite gradient)."""
+    sqnorm = jnp.sum(x * x, axis=-1, keepdims=True)
+    return x * jax.lax.rsqrt(jnp.maximum(sqnorm, _NORM_EPS ** 2))
+
+
+def pairwise_sqdist(x: jax.Array) -> jax.Array:
+    """`[n, n]` squared Euclidean distances, clipped at 0, exact zeros on the diagonal."""
+    sq = jnp.sum(x * x, axis=1)
+    d2 = sq[:, None] + sq[None, :] - 2.0 * (x @ x.T)
+    n = x.shape[0]
+    return jnp.where(jnp.eye(n, dtype=bool), 0.0, jnp.maximum(d2, 0.0))
+
+
+def safe_sqrt(d2: jax.Array) -> jax.Array:
+    """sqrt with value and gradient 0 at (near) zero instead of an infinite gradient."""
+    positive = d2 > _SQDIST_EPS
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, d2, 1.0)), 0.0)
+
+
+def pairwise_distances(x: jax.Array, squared: bool = False) -> jax.Array:
+    d2 = pairwise_sqdist(x)
+    return d2 if squared else safe_sqrt(d2)
+
+
+def class_masks(labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(positives, negatives), both bool `[n, n]`: same label with j != i; different label."""
+    labels = jnp.asarray(labels)
+    same = labels[:, None] == labels[None, :]
+    n = labels.shape[0]
+    return same & ~jnp.eye(n, dtype=bool), ~same
