@@ -10,6 +10,7 @@ from __future__ import annotations
 import ml_collections
 
 from gl_jax import data
+from gl_jax.losses import registry as loss_registry
 
 
 def get_config(dataset: str = "digits") -> ml_collections.ConfigDict:
@@ -37,6 +38,13 @@ def get_config(dataset: str = "digits") -> ml_collections.ConfigDict:
     config.loss.anchors_per_class = 2
     config.loss.random_anchors = False  # False: first k of each class, as the original
     config.loss.ce_weight = 1.0         # total = group loss + ce_weight * cross-entropy
+    # The baselines (loss.name = 'triplet', 'contrastive', 'multi_similarity',
+    # 'proxy_anchor', 'normalized_softmax') read their hyperparameters from
+    # config.loss.<name>, e.g. --config.loss.name=triplet --config.loss.triplet.margin=0.1;
+    # each has its own ce_weight (0 by default). See gl_jax/losses/registry.py.
+    for name in loss_registry.available_losses():
+        if name != "group_loss":
+            config.loss[name] = ml_collections.ConfigDict(loss_registry.default_hparams(name))
 
     # RAdam with decoupled weight decay (p <- p - lr * wd * p), reference section 2.
     config.optimizer = ml_collections.ConfigDict()

@@ -43,7 +43,7 @@ import tqdm
 
 from gl_jax import data as gdata
 from gl_jax import evaluation
-from gl_jax import losses
+from gl_jax.losses import registry as loss_registry
 from gl_jax import metric_writers
 from gl_jax import models
 
@@ -75,7 +75,7 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nnx.Modu
         dtype=jnp.dtype(m.dtype), rngs=nnx.Rngs(int(config.seed)))
     if m.init_from:
         from gl_jax import weights  # only needed when starting from converted weights
-        weights.load_pretrained(model, m.init_from)
+        weights.load_pretrained(model, m.init_from, arch=m.name)
     return model
 
 
@@ -120,33 +120,28 @@ def create_train_state(model: nnx.Module, tx: optax.GradientTransformation, step
 @dataclasses.dataclass(frozen=True)
 class LossSpec:
     """Static description of the training objective of one stage."""
-    group: bool                 # False: cross-entropy only (the warm-up stage)
-    temperature: float = 1.0
-    num_iterations: int = 1
-    anchors_per_class: int = 2
-    random_anchors: bool = False
-    ce_weight: float = 1.0
+    name: str | None = None     # None: cross-entropy only (the warm-up stage); else a
+                                # gl_jax.losses.registry name
+    hparams: tuple = ()         # sorted (key, value) pairs of registry.hparams_from_config
     seed: int = 0
 
+    @property
+    def needs_proxies(self) -> bool:
+        return self.name is not None and loss_registry.needs_proxies(self.name)
 
-def compute_loss(spec: LossSpec, embedding, logits, labels, step):
+
+def compute_loss(spec: LossSpec, embedding, logits, labels, step, proxies=None):
     """Total loss and its parts; logits arrive in float32 from the model head."""
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
-    metrics = {"ce": jnp.mean(ce),
-               "accuracy": jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))}
-    if not spec.group:
-        metrics["loss"] = metrics["ce"]
-        return metrics["loss"], metrics
-    if spec.random_anchors:
-        key = jax.random.fold_in(jax.random.key(spec.seed), step)
-        anchors = losses.random_anchor_mask(key, labels, spec.anchors_per_class)
-    else:
-        anchors = losses.anchor_mask(labels, spec.anchors_per_class)
-    gl = losses.group_loss(logits, labels, anchors, embedding, temperature=spec.temperature,
-                           num_iterations=spec.num_iterations)
-    metrics["group_loss"] = jnp.mean(gl)
-    metrics["loss"] = metrics["group_loss"] + spec.ce_weight * metrics["ce"]
-    return metrics["loss"], metrics
+    logits = logits.astype(jnp.float32)
+    accuracy = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
+    if spec.name is None:
+        ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+        return ce, {"ce": ce, "accuracy": accuracy, "loss": ce}
+    key = jax.random.fold_in(jax.random.key(spec.seed), step)
+    total, parts = loss_registry.metric_loss(
+        spec.name, embeddings=embedding, logits=logits, labels=labels, proxies=proxies,
+        step_key=key, **dict(spec.hparams))
+    return total, {**parts, "accuracy": accuracy}
 
 
 def train_step(graphdef, tx, spec: LossSpec, state: TrainState, batch):
@@ -158,7 +153,11 @@ def train_step(graphdef, tx, spec: LossSpec, state: TrainState, batch):
         model = nnx.merge(graphdef, params, model_state, copy=True)
         model.train()
         embedding, aux = model(batch["image"])
-        loss, metrics = compute_loss(spec, embedding, aux["logits"], batch["label"], state.step)
+        # Proxy-based losses use the classifier's weights as proxies ([d, m] -> [m, d]),
+        # read inside the gradient trace so that they are trained.
+        proxies = model.classifier.kernel[...].T if spec.needs_proxies else None
+        loss, metrics = compute_loss(spec, embedding, aux["logits"], batch["label"], state.step,
+                                     proxies)
         _, _, model_state = nnx.split(model, nnx.Param, ...)
         return loss, (metrics, model_state)
 
@@ -243,8 +242,7 @@ def validate_config(config, splits, mesh: Mesh) -> None:
     if config.selection.protocol == "validation" and "val" not in splits:
         raise ValueError("config.selection.protocol = 'validation' needs a validation split: "
                          "set config.data.val_classes > 0.")
-    if config.loss.name != "group_loss":
-        raise ValueError(f"config.loss.name = {config.loss.name!r}: only 'group_loss' exists.")
+    loss_registry.hparams_from_config(config.loss)   # unknown name / field -> ValueError
     if len(config.schedule.lr_drop_epochs) != len(config.schedule.lr_drop_factors):
         raise ValueError("config.schedule.lr_drop_epochs and lr_drop_factors differ in length.")
     if config.model.name not in models.available_models():
@@ -345,7 +343,7 @@ def make_stages(config, train_source) -> list[Stage]:
         spe = _steps_per_epoch(train_source, sampler, config.warmup.steps_per_epoch)
         stage = Stage(WARMUP, step, int(config.warmup.epochs), spe,
                       make_optimizer(float(config.warmup.lr), eps=float(config.warmup.eps)),
-                      LossSpec(group=False), sampler, data_config)
+                      LossSpec(), sampler, data_config)
         stages.append(stage)
         step = stage.last_step
     spe = _steps_per_epoch(train_source, config.sampler, config.schedule.steps_per_epoch)
@@ -354,11 +352,9 @@ def make_stages(config, train_source) -> list[Stage]:
     tx = make_optimizer(lr_schedule(float(opt.lr), drops, config.schedule.lr_drop_factors),
                         weight_decay=float(opt.weight_decay), b1=float(opt.b1), b2=float(opt.b2),
                         eps=float(opt.eps))
-    spec = LossSpec(group=True, temperature=float(config.loss.temperature),
-                    num_iterations=int(config.loss.num_iterations),
-                    anchors_per_class=int(config.loss.anchors_per_class),
-                    random_anchors=bool(config.loss.random_anchors),
-                    ce_weight=float(config.loss.ce_weight), seed=int(config.seed))
+    loss_name, loss_hparams = loss_registry.hparams_from_config(config.loss)
+    spec = LossSpec(name=loss_name, hparams=tuple(sorted(loss_hparams.items())),
+                    seed=int(config.seed))
     stages.append(Stage(GROUP, step, int(config.schedule.epochs), spe, tx, spec, config.sampler,
                         config.data))
     return stages

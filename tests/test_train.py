@@ -264,3 +264,12 @@ def test_invalid_configs_fail_before_compiling(overrides, error, match, tmp_path
     with pytest.raises(error, match=match):
         train.train_and_evaluate(quick_config(**overrides), str(tmp_path / "bad"))
     assert not os.path.exists(tmp_path / "bad" / "checkpoints")
+
+
+def test_bfloat16_compute_trains_with_finite_float32_losses(tmp_path):
+    config = quick_config(model__dtype="bfloat16", warmup__epochs=0, schedule__epochs=1,
+                          schedule__steps_per_epoch=4, logging__every_steps=1)
+    state = train.train_and_evaluate(config, str(tmp_path / "bf16"))
+    rows = [r for r in read_metrics(str(tmp_path / "bf16")) if "group/loss" in r]
+    assert len(rows) == 4 and all(np.isfinite(r["group/loss"]) for r in rows)
+    assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(state.params))
