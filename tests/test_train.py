@@ -273,3 +273,22 @@ def test_bfloat16_compute_trains_with_finite_float32_losses(tmp_path):
     rows = [r for r in read_metrics(str(tmp_path / "bf16")) if "group/loss" in r]
     assert len(rows) == 4 and all(np.isfinite(r["group/loss"]) for r in rows)
     assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(state.params))
+
+
+def test_init_from_loads_backbone_and_keeps_new_head(tmp_path):
+    from flax import nnx
+    from gl_jax import models, weights
+    source = models.create_model("small_cnn", num_classes=7, rngs=nnx.Rngs(123))
+    saved = weights.save_converted(source, str(tmp_path / "pretrained"), arch="small_cnn",
+                                   source="a test model")
+    config = quick_config()
+    fresh = train.build_model(config, 5)
+    config.model.init_from = saved
+    loaded = train.build_model(config, 5)
+    src_backbone = nnx.state(source.backbone)
+    np.testing.assert_array_equal(nnx.state(loaded.backbone).conv1.kernel[...],
+                                  src_backbone.conv1.kernel[...])
+    assert not np.array_equal(nnx.state(fresh.backbone).conv1.kernel[...],
+                              src_backbone.conv1.kernel[...])
+    # The 7-class head of the source does not fit 5 classes: the new head is kept.
+    np.testing.assert_array_equal(loaded.classifier.kernel[...], fresh.classifier.kernel[...])

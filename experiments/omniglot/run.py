@@ -150,12 +150,13 @@ def base_config(args, root: str, num_train: int):
     c.warmup.epochs = 0
     c.schedule.epochs = args.epochs
     c.schedule.steps_per_epoch = args.steps_per_epoch
-    # One tenth of the lr for the last epoch; the evaluation (and so the "best" model)
-    # exists only after the last epoch: no selection on the test classes.
+    # One tenth of the lr for the last epoch. No evaluation inside the loop (every_epochs
+    # beyond the last epoch): no "best" checkpoint exists, so the trainer's final
+    # evaluation takes the final model, once: no selection on the test classes.
     c.schedule.lr_drop_epochs = (args.epochs,) if args.epochs > 1 else ()
     c.schedule.lr_drop_factors = (0.1,) if args.epochs > 1 else ()
     c.schedule.reload_best_at_drop = False
-    c.evals.every_epochs = args.epochs
+    c.evals.every_epochs = args.epochs + 1
     c.evals.nmi = True
     c.evals.batch_size = 128
     c.checkpoint.every_steps = 10 ** 6
@@ -359,12 +360,12 @@ def parse_args(argv=None):
     p.add_argument("--seeds", default="0,1,2", help="comma list; empty: no main runs")
     p.add_argument("--ablation_seeds", default="0", help="comma list; empty: no ablation")
     p.add_argument("--model", default="efficientnet_lite0")
-    p.add_argument("--image_size", type=int, default=0, help="0: 64 (omniglot), 32 (fashion)")
+    p.add_argument("--image_size", type=int, default=32)
     p.add_argument("--classes_per_batch", type=int, default=8)
     p.add_argument("--samples_per_class", type=int, default=4)
     p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--steps_per_epoch", type=int, default=50)
-    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--steps_per_epoch", type=int, default=40)
+    p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--fashion_per_class", type=int, default=400)
     p.add_argument("--cache_dir", default=DEFAULT_CACHE)
     p.add_argument("--omniglot_dir", default=os.path.join(os.path.dirname(REPO), "shared",
@@ -377,8 +378,6 @@ def parse_args(argv=None):
     args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     args.ablation_seeds = [int(s) for s in args.ablation_seeds.split(",") if s.strip()]
     args.losses = [s.strip() for s in args.losses.split(",") if s.strip()]
-    if not args.image_size:
-        args.image_size = 64 if args.dataset == "omniglot" else 32
     if not args.results:
         name = "RESULTS.md" if args.dataset == "omniglot" else "RESULTS_fashion_mnist.md"
         args.results = os.path.join(REPO, "experiments", "omniglot", name)
