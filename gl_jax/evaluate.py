@@ -360,8 +360,10 @@ def _ks(config, limit: int) -> tuple[int, ...]:
     return ks
 
 
-def row_metrics(row: Row, embedded: dict, kind: str, config, nmi_cache: dict | None) -> dict:
-    """Metrics of one row. kind: 'retrieval' (test vs itself), 'query_gallery' or 'reid'.
+def row_metrics(row: Row, embedded: dict, kind: str, config, nmi_cache: dict | None,
+                junk_ids: Sequence[int] = ()) -> dict:
+    """Metrics of one row. kind: 'retrieval' (test vs itself), 'query_gallery' or 'reid'
+    (``junk_ids``: dense labels that are never matches, see ``junk_labels``).
 
     ``nmi_cache``: None = no NMI; else a dict that memoises NMI per embedding (re-ranking
     changes distances, not the embedding k-means clusters), since k-means is the slow part."""
@@ -385,7 +387,7 @@ def row_metrics(row: Row, embedded: dict, kind: str, config, nmi_cache: dict | N
     if kind == "reid":
         return evaluation.reid_metrics(q, query["label"], query["camera"], g, gallery["label"],
                                        gallery["camera"], ranks=ks, normalize=False,
-                                       rerank=row.rerank)
+                                       rerank=row.rerank, junk_ids=junk_ids)
     return evaluation.retrieval_metrics_query_gallery(q, query["label"], g, gallery["label"],
                                                       ks=ks, normalize=False, rerank=row.rerank)
 
@@ -401,6 +403,14 @@ def eval_kind(splits: dict, config) -> tuple[str, tuple[str, ...]]:
     if config.data.name in REID_DATASETS and cameras is not None and cameras.min() >= 0:
         return "reid", ("query", "gallery")
     return "query_gallery", ("query", "gallery")
+
+
+def junk_labels(splits: dict, parts: Sequence[str]) -> tuple[int, ...]:
+    """Dense labels of the re-id ids that are never matches (Market/Duke person 0000, the
+    distractors, and -1, junk): the splits carry dense labels 0..C-1, so the raw ids 0 and
+    -1 must be looked up in ``class_names`` (the dense label 0 is a real person when the
+    set has no distractor)."""
+    return gdata.reid_junk_labels(splits[parts[0]])
 
 
 def format_table(rows: Sequence[dict]) -> str:
@@ -517,11 +527,12 @@ def evaluate(config: ml_collections.ConfigDict, workdirs: Sequence[str], *,
     jobs = jobs_for(rows)
     embedded = {p: embed_split(members, jobs, splits[p], config, mesh, f"embed {p}")
                 for p in parts}
+    junk = junk_labels(splits, parts) if kind == "reid" else ()
     use_nmi = bool(config.evals.nmi) if nmi is None else bool(nmi)
     nmi_cache = {} if use_nmi and kind == "retrieval" else None
     results = []
     for row in rows:
-        metrics = row_metrics(row, embedded, kind, config, nmi_cache)
+        metrics = row_metrics(row, embedded, kind, config, nmi_cache, junk)
         results.append({"name": row.name, "strategies": list(row.strategies), "metrics": metrics})
         logging.info("%s: %s", row.name, metrics)
 
@@ -533,7 +544,8 @@ def evaluate(config: ml_collections.ConfigDict, workdirs: Sequence[str], *,
         "dataset": str(config.data.name), "kind": kind,
         "checkpoints": [m.checkpoint for m in members],
         "settings": dataclasses.asdict(settings), "rerank_used": rerank,
-        "skipped": skipped, "rows": results, "table": table, "files": files, "pictures": {}}
+        "skipped": skipped, "junk_labels": list(junk), "rows": results, "table": table,
+        "files": files, "pictures": {}}
     if not is_main:
         return report
     os.makedirs(output_dir, exist_ok=True)

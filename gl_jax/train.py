@@ -299,7 +299,8 @@ def evaluate_split(embed: Embedder, state, splits, name: str, config) -> dict:
         if query["camera"].min() >= 0 and config.data.name in ("market1501", "dukemtmc"):
             return evaluation.reid_metrics(
                 query["embedding"], query["label"], query["camera"], gallery["embedding"],
-                gallery["label"], gallery["camera"], ranks=ks)
+                gallery["label"], gallery["camera"], ranks=ks,
+                junk_ids=gdata.reid_junk_labels(splits["query"]))
         return evaluation.retrieval_metrics_query_gallery(
             query["embedding"], query["label"], gallery["embedding"], gallery["label"], ks=ks)
     out = embed(state, splits[name], f"embed {name}")

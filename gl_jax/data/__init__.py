@@ -3,7 +3,8 @@
 Imports nothing else of gl_jax (in particular not gl_jax.models).
 """
 from gl_jax.data.config import default_config, default_sampler_config
-from gl_jax.data.layouts import DATASETS, digits_source, image_folder_source, load_splits
+from gl_jax.data.layouts import (DATASETS, digits_source, image_folder_source, load_splits,
+                                 reid_junk_labels)
 from gl_jax.data.pipeline import (eval_steps, make_eval_iterator, make_sampler,
                                   make_train_iterator, steps_per_epoch, validate_data_config)
 from gl_jax.data.sampler import PKSampler, host_slice
@@ -15,6 +16,6 @@ __all__ = [
     "ArraySource", "CorruptImageError", "DATASETS", "EncodedSource", "FileSource", "PKSampler",
     "Source", "SubsetSource", "decode_image", "default_config", "default_sampler_config",
     "digits_source", "eval_steps", "eval_transform", "host_slice", "image_folder_source",
-    "load_splits", "make_eval_iterator", "make_sampler", "make_train_iterator", "normalize",
+    "load_splits", "make_eval_iterator", "reid_junk_labels", "make_sampler", "make_train_iterator", "normalize",
     "num_classes", "steps_per_epoch", "train_transform", "validate_data_config",
 ]

@@ -398,3 +398,11 @@ def load_splits(data_config) -> dict[str, Source]:
         logging.info("data %s: %d images, %d classes", source.name, len(source),
                      source.num_classes)
     return splits
+
+
+def reid_junk_labels(source) -> tuple[int, ...]:
+    """Dense labels of the re-id ids that are never matches: Market/Duke person 0000 (the
+    distractors) and -1 (junk). Splits carry dense labels 0..C-1, so the raw ids are
+    looked up in ``class_names``; dense label 0 is a real person when a set has no
+    distractor."""
+    return tuple(i for i, name in enumerate(source.class_names) if name.strip() in ("0", "-1"))

@@ -38,126 +38,126 @@ SELF_ZERO = "self_zero"        # same set; the query itself gets distance exactl
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
-  """Row-wise L2 normalisation of a float32 (n, d) array; all-zero rows stay zero."""
-  norms = np.linalg.norm(x, axis=1, keepdims=True)
-  return (x / np.maximum(norms, np.float32(1e-12))).astype(np.float32)
+    """Row-wise L2 normalisation of a float32 (n, d) array; all-zero rows stay zero."""
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return (x / np.maximum(norms, np.float32(1e-12))).astype(np.float32)
 
 
 def block_sq_distances(query_block, gallery, gallery_sq_norms):
-  """(b, n) squared Euclidean distances ``max(|q|^2 + |g|^2 - 2 <q, g>, 0)`` (traced)."""
-  q_sq = jnp.sum(query_block * query_block, axis=1)
-  dots = jnp.dot(query_block, gallery.T, precision=jax.lax.Precision.HIGHEST)
-  return jnp.maximum(q_sq[:, None] + gallery_sq_norms[None, :] - 2.0 * dots, 0.0)
+    """(b, n) squared Euclidean distances ``max(|q|^2 + |g|^2 - 2 <q, g>, 0)`` (traced)."""
+    q_sq = jnp.sum(query_block * query_block, axis=1)
+    dots = jnp.dot(query_block, gallery.T, precision=jax.lax.Precision.HIGHEST)
+    return jnp.maximum(q_sq[:, None] + gallery_sq_norms[None, :] - 2.0 * dots, 0.0)
 
 
 def block_distances(query_block, gallery, gallery_sq_norms, row_offset, mode: str):
-  """Euclidean distances of a block of queries to the whole gallery (traced inside jit).
+    """Euclidean distances of a block of queries to the whole gallery (traced inside jit).
 
-  Args:
-    query_block: (b, d) float32.
-    gallery: (n, d) float32.
-    gallery_sq_norms: (n,) float32, ``|g|^2``.
-    row_offset: int32 scalar, index of the block's first query in the gallery (same-set modes).
-    mode: CROSS, EXCLUDE_SELF or SELF_ZERO.
-  Returns:
-    (b, n) float32 ``sqrt(max(|q|^2 + |g|^2 - 2 <q, g>, 0))``.
-  """
-  dist = jnp.sqrt(block_sq_distances(query_block, gallery, gallery_sq_norms))
-  if mode != CROSS:
-    rows = row_offset + jnp.arange(query_block.shape[0], dtype=jnp.int32)
-    is_self = rows[:, None] == jnp.arange(gallery.shape[0], dtype=jnp.int32)[None, :]
-    dist = jnp.where(is_self, jnp.inf if mode == EXCLUDE_SELF else 0.0, dist)
-  return dist
+    Args:
+        query_block: (b, d) float32.
+        gallery: (n, d) float32.
+        gallery_sq_norms: (n,) float32, ``|g|^2``.
+        row_offset: int32 scalar, index of the block's first query in the gallery (same-set modes).
+        mode: CROSS, EXCLUDE_SELF or SELF_ZERO.
+    Returns:
+        (b, n) float32 ``sqrt(max(|q|^2 + |g|^2 - 2 <q, g>, 0))``.
+    """
+    dist = jnp.sqrt(block_sq_distances(query_block, gallery, gallery_sq_norms))
+    if mode != CROSS:
+        rows = row_offset + jnp.arange(query_block.shape[0], dtype=jnp.int32)
+        is_self = rows[:, None] == jnp.arange(gallery.shape[0], dtype=jnp.int32)[None, :]
+        dist = jnp.where(is_self, jnp.inf if mode == EXCLUDE_SELF else 0.0, dist)
+    return dist
 
 
 @functools.partial(jax.jit, static_argnames=("k", "mode", "with_row_max"))
 def _topk_block(query_block, row_offset, gallery, gallery_sq_norms, *, k, mode, with_row_max):
-  dist = block_distances(query_block, gallery, gallery_sq_norms, row_offset, mode)
-  neg_dist, idx = jax.lax.top_k(-dist, k)
-  out = (-neg_dist, idx)
-  if with_row_max:
-    finite = jnp.where(jnp.isfinite(dist), dist, 0.0)
-    out = out + (jnp.max(finite, axis=1),)
-  return out
+    dist = block_distances(query_block, gallery, gallery_sq_norms, row_offset, mode)
+    neg_dist, idx = jax.lax.top_k(-dist, k)
+    out = (-neg_dist, idx)
+    if with_row_max:
+        finite = jnp.where(jnp.isfinite(dist), dist, 0.0)
+        out = out + (jnp.max(finite, axis=1),)
+    return out
 
 
 def _mesh() -> Mesh:
-  return Mesh(np.asarray(jax.devices()), ("blocks",))
+    return Mesh(np.asarray(jax.devices()), ("blocks",))
 
 
 def run_blocked(block_fn: Callable, query: np.ndarray, gallery_args: Sequence,
-                *, query_extras: Sequence[np.ndarray] = (), block_size: int,
-                **static_kwargs) -> list[np.ndarray]:
-  """Applies a jitted per-block function to all query rows and concatenates its outputs.
+                                *, query_extras: Sequence[np.ndarray] = (), block_size: int,
+                                **static_kwargs) -> list[np.ndarray]:
+    """Applies a jitted per-block function to all query rows and concatenates its outputs.
 
-  ``block_fn(query_block, *extras_block, row_offset, *gallery_args, **static_kwargs)`` must
-  return a tuple of arrays with leading dimension b. Blocks are padded to a fixed size (one
-  compilation) and sharded over all JAX devices along the query axis; the gallery arguments
-  are replicated. Padded rows are dropped from the outputs.
-  """
-  block_size = _checks.check_positive_int("block_size", block_size)
-  mesh = _mesh()
-  num_devices = mesh.devices.size
-  n = query.shape[0]
-  # One block when everything fits; a multiple of the device count so rows split evenly.
-  block = min(block_size, n)
-  block = -(-block // num_devices) * num_devices
-  row_sharding = NamedSharding(mesh, P("blocks"))
-  replicated = NamedSharding(mesh, P())
-  gallery_args = [jax.device_put(a, replicated) for a in gallery_args]
-  outputs: list[list[np.ndarray]] = []
-  for start in range(0, n, block):
-    stop = min(start + block, n)
-    pieces = []
-    for arr in (query, *query_extras):
-      piece = arr[start:stop]
-      if stop - start < block:
-        pad = np.zeros((block - (stop - start),) + arr.shape[1:], arr.dtype)
-        piece = np.concatenate([piece, pad])
-      pieces.append(jax.device_put(piece, row_sharding))
-    result = block_fn(*pieces, jnp.int32(start), *gallery_args, **static_kwargs)
-    outputs.append([np.asarray(r)[: stop - start] for r in result])
-  return [np.concatenate(parts) for parts in zip(*outputs)]
+    ``block_fn(query_block, *extras_block, row_offset, *gallery_args, **static_kwargs)`` must
+    return a tuple of arrays with leading dimension b. Blocks are padded to a fixed size (one
+    compilation) and sharded over all JAX devices along the query axis; the gallery arguments
+    are replicated. Padded rows are dropped from the outputs.
+    """
+    block_size = _checks.check_positive_int("block_size", block_size)
+    mesh = _mesh()
+    num_devices = mesh.devices.size
+    n = query.shape[0]
+    # One block when everything fits; a multiple of the device count so rows split evenly.
+    block = min(block_size, n)
+    block = -(-block // num_devices) * num_devices
+    row_sharding = NamedSharding(mesh, P("blocks"))
+    replicated = NamedSharding(mesh, P())
+    gallery_args = [jax.device_put(a, replicated) for a in gallery_args]
+    outputs: list[list[np.ndarray]] = []
+    for start in range(0, n, block):
+        stop = min(start + block, n)
+        pieces = []
+        for arr in (query, *query_extras):
+            piece = arr[start:stop]
+            if stop - start < block:
+                pad = np.zeros((block - (stop - start),) + arr.shape[1:], arr.dtype)
+                piece = np.concatenate([piece, pad])
+            pieces.append(jax.device_put(piece, row_sharding))
+        result = block_fn(*pieces, jnp.int32(start), *gallery_args, **static_kwargs)
+        outputs.append([np.asarray(r)[: stop - start] for r in result])
+    return [np.concatenate(parts) for parts in zip(*outputs)]
 
 
 def knn_arrays(query: np.ndarray, gallery: np.ndarray, k: int, *, mode: str,
-               block_size: int = DEFAULT_BLOCK_SIZE, with_row_max: bool = False):
-  """Blocked exact top-k on already validated (and, if wanted, normalised) float32 arrays."""
-  gallery_sq = np.sum(gallery.astype(np.float32) ** 2, axis=1)
-  return run_blocked(_topk_block, query, (gallery, gallery_sq), block_size=block_size,
-                     k=k, mode=mode, with_row_max=with_row_max)
+                              block_size: int = DEFAULT_BLOCK_SIZE, with_row_max: bool = False):
+    """Blocked exact top-k on already validated (and, if wanted, normalised) float32 arrays."""
+    gallery_sq = np.sum(gallery.astype(np.float32) ** 2, axis=1)
+    return run_blocked(_topk_block, query, (gallery, gallery_sq), block_size=block_size,
+                                          k=k, mode=mode, with_row_max=with_row_max)
 
 
 def knn(query_embeddings, gallery_embeddings=None, *, k: int, normalize: bool = True,
-        block_size: int = DEFAULT_BLOCK_SIZE) -> tuple[np.ndarray, np.ndarray]:
-  """Exact k nearest gallery items of every query, by Euclidean distance.
+                block_size: int = DEFAULT_BLOCK_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """Exact k nearest gallery items of every query, by Euclidean distance.
 
-  Args:
-    query_embeddings: (n_query, d) array (numpy or jax), finite.
-    gallery_embeddings: (n_gallery, d) array, or None for query = gallery, in which case
-      each query's own row is excluded from its neighbours.
-    k: number of neighbours, 1 <= k <= n_gallery (n - 1 when query = gallery).
-    normalize: L2-normalise rows first (the papers' protocol).
-    block_size: queries per block; peak memory about 4 * block_size * n_gallery bytes.
-  Returns:
-    distances: (n_query, k) float32, non-decreasing along each row.
-    indices: (n_query, k) int32 gallery indices; equal distances keep smaller index first.
-  Raises:
-    ValueError: non-finite or mis-shaped embeddings, mismatched dimensions, bad k.
-  """
-  query = _checks.as_embeddings("query_embeddings", query_embeddings)
-  if gallery_embeddings is None:
-    gallery, mode, limit, what = query, EXCLUDE_SELF, query.shape[0] - 1, "n - 1 (query = gallery)"
-  else:
-    gallery = _checks.as_embeddings("gallery_embeddings", gallery_embeddings)
-    if gallery.shape[1] != query.shape[1]:
-      raise ValueError(
-          f"query_embeddings has dimension {query.shape[1]} but gallery_embeddings has "
-          f"{gallery.shape[1]} (shapes {query.shape} and {gallery.shape}).")
-    mode, limit, what = CROSS, gallery.shape[0], "the gallery size"
-  (k,) = _checks.as_ks("k", (k,), limit, what)
-  if normalize:
-    query = l2_normalize(query)
-    gallery = query if gallery_embeddings is None else l2_normalize(gallery)
-  dist, idx = knn_arrays(query, gallery, k, mode=mode, block_size=block_size)
-  return dist, idx
+    Args:
+        query_embeddings: (n_query, d) array (numpy or jax), finite.
+        gallery_embeddings: (n_gallery, d) array, or None for query = gallery, in which case
+            each query's own row is excluded from its neighbours.
+        k: number of neighbours, 1 <= k <= n_gallery (n - 1 when query = gallery).
+        normalize: L2-normalise rows first (the papers' protocol).
+        block_size: queries per block; peak memory about 4 * block_size * n_gallery bytes.
+    Returns:
+        distances: (n_query, k) float32, non-decreasing along each row.
+        indices: (n_query, k) int32 gallery indices; equal distances keep smaller index first.
+    Raises:
+        ValueError: non-finite or mis-shaped embeddings, mismatched dimensions, bad k.
+    """
+    query = _checks.as_embeddings("query_embeddings", query_embeddings)
+    if gallery_embeddings is None:
+        gallery, mode, limit, what = query, EXCLUDE_SELF, query.shape[0] - 1, "n - 1 (query = gallery)"
+    else:
+        gallery = _checks.as_embeddings("gallery_embeddings", gallery_embeddings)
+        if gallery.shape[1] != query.shape[1]:
+            raise ValueError(
+                    f"query_embeddings has dimension {query.shape[1]} but gallery_embeddings has "
+                    f"{gallery.shape[1]} (shapes {query.shape} and {gallery.shape}).")
+        mode, limit, what = CROSS, gallery.shape[0], "the gallery size"
+    (k,) = _checks.as_ks("k", (k,), limit, what)
+    if normalize:
+        query = l2_normalize(query)
+        gallery = query if gallery_embeddings is None else l2_normalize(gallery)
+    dist, idx = knn_arrays(query, gallery, k, mode=mode, block_size=block_size)
+    return dist, idx
