@@ -292,3 +292,34 @@ def test_init_from_loads_backbone_and_keeps_new_head(tmp_path):
                               src_backbone.conv1.kernel[...])
     # The 7-class head of the source does not fit 5 classes: the new head is kept.
     np.testing.assert_array_equal(loaded.classifier.kernel[...], fresh.classifier.kernel[...])
+
+
+def test_validation_protocol_selects_on_val_and_tests_once(tmp_path):
+    config = quick_config(data__val_classes=1, selection__protocol="validation",
+                          sampler__classes_per_batch=4, warmup__epochs=0)
+    workdir = str(tmp_path / "val")
+    train.train_and_evaluate(config, workdir)
+    rows = read_metrics(workdir)
+    assert sum("val/recall@1" in r for r in rows) == config.schedule.epochs
+    assert not any(k.startswith("test/") for r in rows for k in r)
+    assert sum(any(k.startswith("final_test/") for k in r) for r in rows) == 1
+    results = read_results(workdir)
+    assert results["protocol"] == "validation" and "validation split" in results["note"]
+
+
+def test_lr_schedule_factors_are_relative_to_the_initial_lr():
+    schedule = train.lr_schedule(1e-3, boundaries=(10, 20), factors=(0.1, 0.1))
+    got = [float(schedule(s)) for s in (0, 9, 10, 19, 20, 100)]
+    np.testing.assert_allclose(got, [1e-3, 1e-3, 1e-4, 1e-4, 1e-4, 1e-4], rtol=1e-6)
+
+
+def test_weight_decay_is_decoupled():
+    """With a zero gradient RAdam's direction is 0, so the step is exactly -lr * wd * p."""
+    import jax.numpy as jnp
+    import optax
+    params = {"w": jnp.array([1.0, -2.0, 4.0])}
+    tx = train.make_optimizer(0.1, weight_decay=0.01)
+    state = tx.init(params)
+    updates, state = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
+    np.testing.assert_allclose(optax.apply_updates(params, updates)["w"],
+                               params["w"] * (1 - 0.1 * 0.01), rtol=1e-6)
