@@ -100,7 +100,7 @@ def _child(method, n, dim, classes, noise, ks, block_size, queue):
     cpu = _cpu_seconds() - cpu0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     queue.put({"seconds": seconds, "cpu_seconds": cpu, "peak_mib": (peak - base) / 1024,
-                          "metrics": metrics})
+               "metrics": metrics})
 
 
 def _cpu_seconds() -> float:
@@ -138,7 +138,7 @@ def _rerank_child(dim, noise, rerank, queue):
     cpu = _cpu_seconds() - cpu0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     queue.put({"seconds": seconds, "cpu_seconds": cpu, "peak_mib": (peak - base) / 1024,
-                          "metrics": metrics})
+               "metrics": metrics})
 
 
 def main_rerank(args):
@@ -153,12 +153,12 @@ def main_rerank(args):
         print(json.dumps({"rerank": rerank, **results[-1]}), flush=True)
     print(f"\nMarket-1501 size (3368 x 19732), dim {args.dim}")
     print(f"{'reid_metrics':<22}{'wall s':>8}{'cpu s':>8}{'peak MiB':>10}{'rank@1':>8}{'mAP':>8}"
-                f"{'mINP':>8}")
+          f"{'mINP':>8}")
     for name, r in zip(("plain", "re-ranked k1=20 k2=6"), results):
         m = r["metrics"]
         print(f"{name:<22}{r['seconds']:>8.1f}{r['cpu_seconds']:>8.1f}{r['peak_mib']:>10.0f}"
-                    f"{100 * m['rank@1']:>8.2f}"
-                    f"{100 * m['map']:>8.2f}{100 * m['minp']:>8.2f}")
+              f"{100 * m['rank@1']:>8.2f}"
+              f"{100 * m['map']:>8.2f}{100 * m['minp']:>8.2f}")
 
 
 def measure(method, n, dim, classes, noise, ks, block_size):
@@ -177,7 +177,7 @@ def main():
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--classes", type=int, default=3741, help="SOP test set: 11316")
     parser.add_argument("--original_n", type=int, default=10000,
-                                            help="subset size for the full-matrix original way")
+                        help="subset size for the full-matrix original way")
     parser.add_argument("--block_size", type=int, default=1024)
     parser.add_argument("--noise", type=float, default=2.8)
     parser.add_argument("--skip_faiss_full", action="store_true")
@@ -196,7 +196,7 @@ def main():
     ks_sub = tuple(k for k in KS if k < args.original_n)
     rows = []
     plan = [("ours", args.original_n, sub_classes, ks_sub),
-                    ("original", args.original_n, sub_classes, ks_sub)]
+            ("original", args.original_n, sub_classes, ks_sub)]
     if have_faiss:
         plan.append(("faiss", args.original_n, sub_classes, ks_sub))
     plan.append(("ours", args.n, args.classes, KS))
@@ -208,16 +208,16 @@ def main():
         print(json.dumps({"method": method, "n": n, **res}), flush=True)
 
     print(f"\n{'method':<10}{'n':>8}{'classes':>9}{'wall s':>9}{'cpu s':>8}{'peak MiB':>10}"
-                f"{'wall/ours':>10}{'cpu/ours':>9}{'mem/ours':>9}  recall@" + ",".join(map(str, KS)))
+          f"{'wall/ours':>10}{'cpu/ours':>9}{'mem/ours':>9}  recall@" + ",".join(map(str, KS)))
     ours_at = {n: r for m, n, _, r in rows if m == "ours"}
     for method, n, classes, res in rows:
         ref = ours_at[n]
         recalls = " ".join(f"{100 * v:.2f}" for k, v in res["metrics"].items()
-                                              if k.startswith("recall@"))
+                           if k.startswith("recall@"))
         print(f"{method:<10}{n:>8}{classes:>9}{res['seconds']:>9.1f}{res['cpu_seconds']:>8.1f}"
-                    f"{res['peak_mib']:>10.0f}{res['seconds'] / ref['seconds']:>10.2f}"
-                    f"{res['cpu_seconds'] / ref['cpu_seconds']:>9.2f}"
-                    f"{res['peak_mib'] / max(ref['peak_mib'], 1):>9.2f}  {recalls}")
+              f"{res['peak_mib']:>10.0f}{res['seconds'] / ref['seconds']:>10.2f}"
+              f"{res['cpu_seconds'] / ref['cpu_seconds']:>9.2f}"
+              f"{res['peak_mib'] / max(ref['peak_mib'], 1):>9.2f}  {recalls}")
     for n, r in ours_at.items():
         m = r["metrics"]
         print(f"ours n={n}: map@r {m['map@r']:.4f} r_precision {m['r_precision']:.4f}")

@@ -88,21 +88,21 @@ def bench(n, m, d, repeats):
 
     def jax_mean(lg, lb, an, ft):
         return jnp.mean(losses.group_loss(lg, lb, an, ft, temperature=TEMPERATURE,
-                                                                            num_iterations=ITERATIONS))
+                                          num_iterations=ITERATIONS))
 
     fwd = jax.jit(jax_mean)
     fwd_bwd = jax.jit(jax.value_and_grad(jax_mean, argnums=(0, 3)))
     row = {
-            "jax_fwd": time_call(lambda: fwd(*args).block_until_ready(), repeats),
-            "jax_fwd_bwd": time_call(lambda: jax.block_until_ready(fwd_bwd(*args)), repeats),
-            "numpy_fwd": time_call(lambda: numpy_forward(logits, labels, anchors, feats), repeats),
+        "jax_fwd": time_call(lambda: fwd(*args).block_until_ready(), repeats),
+        "jax_fwd_bwd": time_call(lambda: jax.block_until_ready(fwd_bwd(*args)), repeats),
+        "numpy_fwd": time_call(lambda: numpy_forward(logits, labels, anchors, feats), repeats),
     }
     # The three implementations must agree before their speeds mean anything.
     np.testing.assert_allclose(float(fwd(*args)), numpy_forward(logits, labels, anchors, feats),
-                                                          rtol=1e-4)
+                               rtol=1e-4)
     if torch is not None:
         t_args = [torch.from_numpy(logits), torch.from_numpy(labels).long(),
-                            torch.from_numpy(anchors), torch.from_numpy(feats)]
+                  torch.from_numpy(anchors), torch.from_numpy(feats)]
 
         def torch_fwd():
             with torch.no_grad():
@@ -122,14 +122,14 @@ def bench(n, m, d, repeats):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="54x100,35x98,60x11318,512x1000,4096x1000",
-                                            help="comma-separated n x m pairs")
+                        help="comma-separated n x m pairs")
     parser.add_argument("--dim", type=int, default=1024, help="embedding size d (BN-Inception: 1024)")
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
 
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; "
-                f"torch {torch.__version__ if torch else 'not installed'}; d = {args.dim}, "
-                f"T = {TEMPERATURE}, iterations = {ITERATIONS}; median of {args.repeats}, ms\n")
+          f"torch {torch.__version__ if torch else 'not installed'}; d = {args.dim}, "
+          f"T = {TEMPERATURE}, iterations = {ITERATIONS}; median of {args.repeats}, ms\n")
     header = ["n x m", "JAX fwd", "JAX fwd+bwd", "NumPy fwd", "NumPy/JAX fwd"]
     if torch is not None:
         header += ["torch fwd", "torch fwd+bwd", "torch/JAX fwd", "torch/JAX fwd+bwd"]
@@ -139,11 +139,11 @@ def main():
         n, m = (int(v) for v in size.lower().split("x"))
         r = bench(n, m, args.dim, args.repeats)
         cells = [f"{n} x {m}", f"{r['jax_fwd'] * 1e3:.2f}", f"{r['jax_fwd_bwd'] * 1e3:.2f}",
-                          f"{r['numpy_fwd'] * 1e3:.2f}", f"{r['numpy_fwd'] / r['jax_fwd']:.1f}x"]
+                 f"{r['numpy_fwd'] * 1e3:.2f}", f"{r['numpy_fwd'] / r['jax_fwd']:.1f}x"]
         if torch is not None:
             cells += [f"{r['torch_fwd'] * 1e3:.2f}", f"{r['torch_fwd_bwd'] * 1e3:.2f}",
-                                f"{r['torch_fwd'] / r['jax_fwd']:.1f}x",
-                                f"{r['torch_fwd_bwd'] / r['jax_fwd_bwd']:.1f}x"]
+                      f"{r['torch_fwd'] / r['jax_fwd']:.1f}x",
+                      f"{r['torch_fwd_bwd'] / r['jax_fwd_bwd']:.1f}x"]
         print("| " + " | ".join(cells) + " |", flush=True)
 
 

@@ -71,17 +71,17 @@ def _length_delimited(number: int, payload: bytes) -> bytes:
 
 def encode_scalar_event(step: int, scalars: Mapping[str, float], wall_time: float) -> bytes:
     values = b"".join(
-            _length_delimited(1, _length_delimited(1, tag.encode()) +
-                                                _field(2, 5, struct.pack("<f", float(value))))
-            for tag, value in scalars.items())
+        _length_delimited(1, _length_delimited(1, tag.encode()) +
+                          _field(2, 5, struct.pack("<f", float(value))))
+        for tag, value in scalars.items())
     return (_field(1, 1, struct.pack("<d", wall_time)) + _field(2, 0, _varint(int(step))) +
-                    _length_delimited(5, values))
+            _length_delimited(5, values))
 
 
 def _record(data: bytes) -> bytes:
     header = struct.pack("<Q", len(data))
     return (header + struct.pack("<I", _masked_crc(header)) + data +
-                    struct.pack("<I", _masked_crc(data)))
+            struct.pack("<I", _masked_crc(data)))
 
 
 class TensorBoardWriter:
@@ -93,7 +93,7 @@ class TensorBoardWriter:
         self.path = os.path.join(logdir, name)
         self._file = open(self.path, "ab")
         version = _field(1, 1, struct.pack("<d", time.time())) + _length_delimited(
-                3, b"brain.Event:2")
+            3, b"brain.Event:2")
         self._file.write(_record(version))
         self._file.flush()
 

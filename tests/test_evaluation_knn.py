@@ -28,7 +28,7 @@ def reference_knn(query, gallery, k, exclude_self, normalize=True):
     idx = np.empty((q.shape[0], k), np.int64)
     for i in range(q.shape[0]):
         order = [j for j in np.lexsort((np.arange(g.shape[0]), dist[i]))
-                          if not (exclude_self and j == i)]
+                 if not (exclude_self and j == i)]
         idx[i] = order[:k]
     return np.take_along_axis(dist, idx, axis=1), idx
 
@@ -85,10 +85,10 @@ def test_accepts_jax_arrays_and_returns_sorted():
 
 
 @pytest.mark.parametrize("make_bad, message", [
-        (lambda x: x.__setitem__((3, 1), np.nan) or x, "NaN or inf"),
-        (lambda x: x.__setitem__((5, 0), np.inf) or x, "NaN or inf"),
-        (lambda x: x[:, None, :], "shape"),
-        (lambda x: x[:0], "empty"),
+    (lambda x: x.__setitem__((3, 1), np.nan) or x, "NaN or inf"),
+    (lambda x: x.__setitem__((5, 0), np.inf) or x, "NaN or inf"),
+    (lambda x: x[:, None, :], "shape"),
+    (lambda x: x[:0], "empty"),
 ])
 def test_bad_query_embeddings(make_bad, message):
     x = exact_ternary(10)

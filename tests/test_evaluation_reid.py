@@ -10,20 +10,20 @@ from test_evaluation_retrieval import on_a_line
 def golden_setup():
     #        x      id  cam
     q = [(0.0, 1, 1),     # q0
-              (10.0, 2, 1),    # q1
-              (20.0, 3, 2),    # q2: its only id-3 item has its camera -> skipped
-              (1.4, -1, 1)]    # q3: a junk id is never matched -> skipped
+         (10.0, 2, 1),    # q1
+         (20.0, 3, 2),    # q2: its only id-3 item has its camera -> skipped
+         (1.4, -1, 1)]    # q3: a junk id is never matched -> skipped
     g = [(0.5, 1, 1),     # g0: same id and camera as q0 -> removed for q0
-              (1.0, 0, 2),     # g1: junk id 0
-              (2.0, 1, 2),     # g2
-              (1.5, -1, 3),    # g3: distractor id -1
-              (4.0, 2, 2),     # g4
-              (5.0, 1, 3),     # g5
-              (10.5, 2, 1),    # g6: same id and camera as q1 -> removed for q1
-              (21.0, 3, 2),    # g7
-              (13.0, 2, 3)]    # g8
+         (1.0, 0, 2),     # g1: junk id 0
+         (2.0, 1, 2),     # g2
+         (1.5, -1, 3),    # g3: distractor id -1
+         (4.0, 2, 2),     # g4
+         (5.0, 1, 3),     # g5
+         (10.5, 2, 1),    # g6: same id and camera as q1 -> removed for q1
+         (21.0, 3, 2),    # g7
+         (13.0, 2, 3)]    # g8
     unpack = lambda rows: (on_a_line([r[0] for r in rows]), np.array([r[1] for r in rows]),
-                                                  np.array([r[2] for r in rows]))
+                           np.array([r[2] for r in rows]))
     return unpack(q), unpack(g)
 
 
@@ -84,9 +84,9 @@ def test_random_with_ties_matches_reference(remove_junk):
     cams = rng.integers(1, 4, 260)
     q, g = slice(0, 60), slice(60, 260)
     out = reid_metrics(x[q], ids[q], cams[q], x[g], ids[g], cams[g], ranks=(1, 5, 10),
-                                          block_size=16, remove_junk=remove_junk)
+                       block_size=16, remove_junk=remove_junk)
     ref = reference_reid(x[q], ids[q], cams[q], x[g], ids[g], cams[g], (1, 5, 10),
-                                              remove_junk=remove_junk)
+                         remove_junk=remove_junk)
     for key, value in ref.items():
         assert out[key] == pytest.approx(value, abs=1e-6), key
     assert out["skipped_queries"] == 60 - ref["num_queries"] > 0

@@ -86,7 +86,7 @@ def test_blocking_and_pair_budget_do_not_change_the_result():
     x, _ = clustered(50, 4, seed=3)
     a = k_reciprocal_rerank(x[:13], x[13:], k1=6, k2=2, lambda_value=0.4)
     b = k_reciprocal_rerank(x[:13], x[13:], k1=6, k2=2, lambda_value=0.4, block_size=3,
-                                                    pair_budget=1)
+                            pair_budget=1)
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
@@ -97,16 +97,16 @@ def test_metrics_with_reranking_use_reranked_neighbours():
     order = np.argsort(ranked, axis=1, kind="stable")[:, :79]
     via_neighbours = retrieval_metrics(x, labels, (1, 4), nmi=False, neighbours=order)
     via_rerank = retrieval_metrics(x, labels, (1, 4), nmi=False,
-                                                                  rerank=dict(k1=12, k2=4, lambda_value=0.3))
+                                   rerank=dict(k1=12, k2=4, lambda_value=0.3))
     for key in via_neighbours:
         assert via_rerank[key] == pytest.approx(via_neighbours[key], abs=1e-9), key
     cams = np.arange(80) % 3
     q, g = slice(0, 20), slice(20, 80)
     dense = k_reciprocal_rerank(x[q], x[g], k1=12, k2=4, lambda_value=0.3)
     a = reid_metrics(x[q], labels[q], cams[q], x[g], labels[g], cams[g], ranks=(1,),
-                                      junk_ids=(), distances=dense)
+                     junk_ids=(), distances=dense)
     b = reid_metrics(x[q], labels[q], cams[q], x[g], labels[g], cams[g], ranks=(1,),
-                                      junk_ids=(), rerank=dict(k1=12, k2=4, lambda_value=0.3))
+                     junk_ids=(), rerank=dict(k1=12, k2=4, lambda_value=0.3))
     assert a == b
 
 

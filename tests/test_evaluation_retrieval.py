@@ -49,7 +49,7 @@ def test_golden_query_gallery():
     q = on_a_line([0, 5, 20])
     g = on_a_line([1, 2, -3, 6, 4])
     out = retrieval_metrics_query_gallery(q, [0, 1, 3], g, [1, 0, 0, 1, 1], ks=(1, 2, 5),
-                                                                                normalize=False)
+                                          normalize=False)
     assert out["num_queries"] == 2 and out["excluded_queries"] == 1
     assert out["recall@1"] == pytest.approx(0.5)
     assert out["recall@2"] == pytest.approx(1.0)
@@ -80,8 +80,8 @@ def reference_metrics(q, q_labels, g, g_labels, ks, same_set):
         apr.append(sum(rel[:m + 1].sum() / (m + 1) for m in range(r) if rel[m]) / r)
     out = {f"recall@{k}": np.mean(v) for k, v in recall.items()}
     out.update({"precision@1": np.mean(recall[1]) if 1 in recall else None,
-                            "r_precision": np.mean(rprec), "map@r": np.mean(apr),
-                            "excluded_queries": excluded, "num_queries": q.shape[0] - excluded})
+                "r_precision": np.mean(rprec), "map@r": np.mean(apr),
+                "excluded_queries": excluded, "num_queries": q.shape[0] - excluded})
     return out
 
 
@@ -169,7 +169,7 @@ def test_nmi_perfect_and_in_retrieval_metrics():
 def test_nmi_faiss_backend_agrees_on_clear_clusters():
     labels = np.array([0, 0, 1, 1, 1, 1])
     assert nmi(two_blobs(), labels, backend="faiss") == pytest.approx(
-            nmi(two_blobs(), labels, backend="sklearn"), abs=1e-9)
+        nmi(two_blobs(), labels, backend="sklearn"), abs=1e-9)
 
 
 # --- bad input -----------------------------------------------------------------------------

@@ -75,18 +75,18 @@ def test_hand_computed_example():
     loss = losses.group_loss(logits, labels, anchors, feats)
     assert loss.dtype == jnp.float32 and loss.shape == (4,)
     np.testing.assert_allclose(loss, [0.0, math.log(71 / 29), 0.0, math.log(62 / 9)],
-                                                          rtol=1e-6, atol=1e-6)
+                               rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("seed,temperature,iterations", [
-        (0, 1.0, 1), (1, 24.0, 1), (2, 0.3, 3), (3, 79.0, 0), (4, 5.0, 5)])
+    (0, 1.0, 1), (1, 24.0, 1), (2, 0.3, 3), (3, 79.0, 0), (4, 5.0, 5)])
 def test_matches_numpy_reference_float64(seed, temperature, iterations):
     logits, labels, anchors, feats = random_problem(seed)
     expected = reference_group_loss(logits, labels, anchors, feats, temperature, iterations)
     with jax.enable_x64(True):
         got = losses.group_loss(jnp.asarray(logits, jnp.float64), jnp.asarray(labels),
-                                                        jnp.asarray(anchors), jnp.asarray(feats, jnp.float64),
-                                                        temperature=temperature, num_iterations=iterations)
+                                jnp.asarray(anchors), jnp.asarray(feats, jnp.float64),
+                                temperature=temperature, num_iterations=iterations)
         assert got.dtype == jnp.float64
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-10, atol=1e-12)
 
@@ -95,7 +95,7 @@ def test_float32_close_to_reference():
     logits, labels, anchors, feats = random_problem(7, n=35, m=98, d=64, classes=5)
     expected = reference_group_loss(logits, labels, anchors, feats, 10.0, 2)
     got = losses.group_loss(jnp.asarray(logits, jnp.float32), labels, anchors,
-                                                    jnp.asarray(feats, jnp.float32), temperature=10.0, num_iterations=2)
+                            jnp.asarray(feats, jnp.float32), temperature=10.0, num_iterations=2)
     np.testing.assert_allclose(got, expected, rtol=2e-5, atol=1e-5)
 
 
@@ -125,7 +125,7 @@ def test_components_match_reference_pieces():
 def test_anchor_mask_first_occurrences():
     labels = jnp.array([3, 1, 3, 3, 1, 0, 3])
     np.testing.assert_array_equal(losses.anchor_mask(labels, 2),
-                                                                [True, True, True, False, True, True, False])
+                                  [True, True, True, False, True, True, False])
     np.testing.assert_array_equal(losses.anchor_mask(labels, 0), [False] * 7)
 
 
@@ -143,9 +143,9 @@ def test_check_grads():
     with jax.enable_x64(True):
         def f(lg, ft):
             return jnp.sum(losses.group_loss(lg, labels, anchors, ft, temperature=2.0,
-                                                                              num_iterations=2))
+                                             num_iterations=2))
         jtu.check_grads(f, (jnp.asarray(logits), jnp.asarray(feats)), order=2,
-                                        modes=["fwd", "rev"], atol=1e-5, rtol=1e-5)
+                        modes=["fwd", "rev"], atol=1e-5, rtol=1e-5)
 
 
 def test_jit_equals_eager_and_no_retrace():
@@ -158,7 +158,7 @@ def test_jit_equals_eager_and_no_retrace():
 
     jf = jax.jit(f)
     args = [jnp.asarray(logits, jnp.float32), jnp.asarray(labels), jnp.asarray(anchors),
-                    jnp.asarray(feats, jnp.float32)]
+            jnp.asarray(feats, jnp.float32)]
     eager = losses.group_loss(*args, temperature=3.0, num_iterations=2)
     np.testing.assert_allclose(jf(*args, 3.0), eager, rtol=1e-6, atol=1e-7)
     for t in (1.0, 7.5):
@@ -183,7 +183,7 @@ def test_bfloat16_inputs_computed_in_float32():
     assert got.dtype == jnp.float32
     # Same numbers as float32 arithmetic on the bfloat16-rounded values.
     expected = losses.group_loss(lg.astype(jnp.float32), labels, anchors, ft.astype(jnp.float32),
-                                                              temperature=2.0)
+                                 temperature=2.0)
     np.testing.assert_allclose(got, expected, rtol=1e-6)
 
 
@@ -191,7 +191,7 @@ def test_bfloat16_inputs_computed_in_float32():
 def _value_and_grads(logits, labels, anchors, feats, temperature, iterations):
     def total(lg, ft):
         return jnp.mean(losses.group_loss(lg, labels, anchors, ft, temperature=temperature,
-                                                                            num_iterations=iterations))
+                                          num_iterations=iterations))
     return jax.value_and_grad(total, argnums=(0, 1))(logits, feats)
 
 
@@ -202,7 +202,7 @@ def _assert_finite(value, grads):
 
 
 @pytest.mark.parametrize("case", ["zero_rows", "constant_rows", "all_negative", "extreme",
-                                                                    "no_anchors", "all_anchors", "singleton_class"])
+                                  "no_anchors", "all_anchors", "singleton_class"])
 def test_degenerate_cases_are_finite(case):
     n, m, d = 6, 4, 5
     rng = np.random.default_rng(0)
@@ -229,7 +229,7 @@ def test_degenerate_cases_are_finite(case):
     elif case == "all_anchors":
         anchors[:] = True
     value, grads = _value_and_grads(jnp.asarray(logits), jnp.asarray(labels),
-                                                                    jnp.asarray(anchors), jnp.asarray(feats), temperature, 3)
+                                    jnp.asarray(anchors), jnp.asarray(feats), temperature, 3)
     _assert_finite(value, grads)
     if case == "all_anchors":
         assert abs(float(value)) < 1e-6
@@ -248,16 +248,16 @@ def test_constant_row_keeps_its_prior_distribution():
 
 @settings(max_examples=40, deadline=None)
 @given(
-        shape=st.sampled_from([(4, 3), (8, 5)]),
-        seed=st.integers(0, 2**31 - 1),
-        logit_scale=st.sampled_from([0.0, 1.0, 1e2, 1e4]),
-        temperature=st.sampled_from([0.01, 0.5, 1.0, 79.0]),
-        feature_mode=st.sampled_from(["normal", "zeros", "constant", "huge", "tiny", "mixed"]),
-        anchor_mode=st.sampled_from(["none", "all", "random", "first"]),
-        iterations=st.sampled_from([1, 3]),
+    shape=st.sampled_from([(4, 3), (8, 5)]),
+    seed=st.integers(0, 2**31 - 1),
+    logit_scale=st.sampled_from([0.0, 1.0, 1e2, 1e4]),
+    temperature=st.sampled_from([0.01, 0.5, 1.0, 79.0]),
+    feature_mode=st.sampled_from(["normal", "zeros", "constant", "huge", "tiny", "mixed"]),
+    anchor_mode=st.sampled_from(["none", "all", "random", "first"]),
+    iterations=st.sampled_from([1, 3]),
 )
 def test_property_never_nan_or_inf(shape, seed, logit_scale, temperature, feature_mode,
-                                                                      anchor_mode, iterations):
+                                   anchor_mode, iterations):
     n, m = shape
     rng = np.random.default_rng(seed)
     logits = (rng.normal(size=(n, m)) * logit_scale).astype(np.float32)
@@ -274,35 +274,35 @@ def test_property_never_nan_or_inf(shape, seed, logit_scale, temperature, featur
     elif feature_mode == "mixed":
         feats[::2] = 5.0
     anchors = {"none": np.zeros(n, bool), "all": np.ones(n, bool),
-                          "random": rng.random(n) < 0.5,
-                          "first": np.asarray(losses.anchor_mask(labels, 1))}[anchor_mode]
+               "random": rng.random(n) < 0.5,
+               "first": np.asarray(losses.anchor_mask(labels, 1))}[anchor_mode]
     value, grads = _value_and_grads(jnp.asarray(logits), jnp.asarray(labels),
-                                                                    jnp.asarray(anchors), jnp.asarray(feats), temperature,
-                                                                    iterations)
+                                    jnp.asarray(anchors), jnp.asarray(feats), temperature,
+                                    iterations)
     _assert_finite(value, grads)
 
 
 # ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs,match", [
-        (dict(logits=np.zeros((4,), np.float32)), "logits must have rank 2"),
-        (dict(labels=np.zeros((3,), np.int32)), r"labels must have shape \[n\] = \(4,\)"),
-        (dict(labels=np.zeros((4,), np.float32)), "labels must be integers"),
-        (dict(anchors=np.zeros((4,), np.int32)), "anchors must be boolean"),
-        (dict(anchors=np.zeros((5,), bool)), r"anchors must have shape"),
-        (dict(embeddings=np.zeros((5, 2), np.float32)), r"embeddings must have n = 4 rows"),
-        (dict(embeddings=np.zeros((4,), np.float32)), "embeddings must have rank 2"),
-        (dict(labels=np.array([0, 1, 3, 0])), r"labels must lie in \[0, 3\)"),
-        (dict(labels=np.array([0, -1, 1, 0])), r"labels must lie in \[0, 3\)"),
-        (dict(temperature=0.0), "temperature must be finite and > 0"),
+    (dict(logits=np.zeros((4,), np.float32)), "logits must have rank 2"),
+    (dict(labels=np.zeros((3,), np.int32)), r"labels must have shape \[n\] = \(4,\)"),
+    (dict(labels=np.zeros((4,), np.float32)), "labels must be integers"),
+    (dict(anchors=np.zeros((4,), np.int32)), "anchors must be boolean"),
+    (dict(anchors=np.zeros((5,), bool)), r"anchors must have shape"),
+    (dict(embeddings=np.zeros((5, 2), np.float32)), r"embeddings must have n = 4 rows"),
+    (dict(embeddings=np.zeros((4,), np.float32)), "embeddings must have rank 2"),
+    (dict(labels=np.array([0, 1, 3, 0])), r"labels must lie in \[0, 3\)"),
+    (dict(labels=np.array([0, -1, 1, 0])), r"labels must lie in \[0, 3\)"),
+    (dict(temperature=0.0), "temperature must be finite and > 0"),
 ])
 def test_bad_input_raises(kwargs, match):
     args = dict(logits=np.zeros((4, 3), np.float32), labels=np.array([0, 1, 2, 0]),
-                            anchors=np.zeros((4,), bool), embeddings=np.ones((4, 2), np.float32))
+                anchors=np.zeros((4,), bool), embeddings=np.ones((4, 2), np.float32))
     args.update(kwargs)
     temperature = args.pop("temperature", 1.0)
     with pytest.raises(ValueError, match=match):
         losses.group_loss(args["logits"], args["labels"], args["anchors"], args["embeddings"],
-                                            temperature=temperature)
+                          temperature=temperature)
 
 
 def test_out_of_range_label_under_jit_is_nan():

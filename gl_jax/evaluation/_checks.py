@@ -28,8 +28,8 @@ def as_embeddings(name: str, x) -> np.ndarray:
     if not finite.all():
         bad_rows = np.flatnonzero(~finite.all(axis=1))
         raise ValueError(
-                f"{name} (shape {x.shape}) contains {int((~finite).sum())} NaN or inf values, in "
-                f"{bad_rows.size} rows (first: {bad_rows[:5].tolist()}).")
+            f"{name} (shape {x.shape}) contains {int((~finite).sum())} NaN or inf values, in "
+            f"{bad_rows.size} rows (first: {bad_rows[:5].tolist()}).")
     return x
 
 
@@ -42,7 +42,7 @@ def as_labels(name: str, y, n: int, n_name: str) -> np.ndarray:
         raise ValueError(f"{name} must be 1-D; got shape {y.shape}.")
     if y.shape[0] != n:
         raise ValueError(
-                f"{name} has length {y.shape[0]} but {n_name} has {n} rows; they must match.")
+            f"{name} has length {y.shape[0]} but {n_name} has {n} rows; they must match.")
     return y
 
 
@@ -58,8 +58,8 @@ def as_ks(name: str, ks: Sequence[int], limit: int, limit_what: str) -> tuple[in
             raise ValueError(f"{name} must hold positive integers; got {k!r} in {ks}.")
         if k > limit:
             raise ValueError(
-                    f"{name} holds K = {k}, larger than {limit_what} ({limit}); "
-                    "K must not exceed the number of items that can be retrieved.")
+                f"{name} holds K = {k}, larger than {limit_what} ({limit}); "
+                "K must not exceed the number of items that can be retrieved.")
     return tuple(int(k) for k in ks)
 
 

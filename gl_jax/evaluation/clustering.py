@@ -34,8 +34,8 @@ def faiss_available() -> bool:
 
 
 def kmeans_assignments(x: np.ndarray, num_clusters: int, *, seed: int = 0,
-                                              backend: str = "sklearn", max_iter: int = 300,
-                                              n_init: int = 1) -> np.ndarray:
+                       backend: str = "sklearn", max_iter: int = 300,
+                       n_init: int = 1) -> np.ndarray:
     """Cluster index of each row of a float32 (n, d) array, by a library's k-means.
 
     backend: "sklearn" (k-means++ init, Lloyd, ``n_init`` restarts), "faiss" (needs
@@ -51,7 +51,7 @@ def kmeans_assignments(x: np.ndarray, num_clusters: int, *, seed: int = 0,
             raise ValueError("backend='faiss' but faiss is not installed (pip install faiss-cpu).")
         import faiss
         km = faiss.Kmeans(x.shape[1], num_clusters, niter=max_iter, nredo=n_init, seed=seed,
-                                            verbose=False)
+                          verbose=False)
         xc = np.ascontiguousarray(x, dtype=np.float32)
         km.train(xc)
         _, assign = km.index.search(xc, 1)
@@ -60,8 +60,8 @@ def kmeans_assignments(x: np.ndarray, num_clusters: int, *, seed: int = 0,
 
 
 def nmi(embeddings, labels, *, num_clusters: int | None = None, seed: int = 0,
-                normalize: bool = True, backend: str = "sklearn", max_iter: int = 300,
-                n_init: int = 1) -> float:
+        normalize: bool = True, backend: str = "sklearn", max_iter: int = 300,
+        n_init: int = 1) -> float:
     """NMI between the labels and a seeded k-means clustering of the embeddings.
 
     Args:
@@ -81,10 +81,10 @@ def nmi(embeddings, labels, *, num_clusters: int | None = None, seed: int = 0,
     num_clusters = _checks.check_positive_int("num_clusters", num_clusters)
     if num_clusters > x.shape[0]:
         raise ValueError(
-                f"num_clusters = {num_clusters} exceeds the number of embeddings ({x.shape[0]}).")
+            f"num_clusters = {num_clusters} exceeds the number of embeddings ({x.shape[0]}).")
     if normalize:
         norms = np.linalg.norm(x, axis=1, keepdims=True)
         x = (x / np.maximum(norms, 1e-12)).astype(np.float32)
     assign = kmeans_assignments(x, num_clusters, seed=seed, backend=backend,
-                                                            max_iter=max_iter, n_init=n_init)
+                                max_iter=max_iter, n_init=n_init)
     return float(normalized_mutual_info_score(y, assign, average_method="arithmetic"))

@@ -86,8 +86,8 @@ def _mesh() -> Mesh:
 
 
 def run_blocked(block_fn: Callable, query: np.ndarray, gallery_args: Sequence,
-                                *, query_extras: Sequence[np.ndarray] = (), block_size: int,
-                                **static_kwargs) -> list[np.ndarray]:
+                *, query_extras: Sequence[np.ndarray] = (), block_size: int,
+                **static_kwargs) -> list[np.ndarray]:
     """Applies a jitted per-block function to all query rows and concatenates its outputs.
 
     ``block_fn(query_block, *extras_block, row_offset, *gallery_args, **static_kwargs)`` must
@@ -121,15 +121,15 @@ def run_blocked(block_fn: Callable, query: np.ndarray, gallery_args: Sequence,
 
 
 def knn_arrays(query: np.ndarray, gallery: np.ndarray, k: int, *, mode: str,
-                              block_size: int = DEFAULT_BLOCK_SIZE, with_row_max: bool = False):
+               block_size: int = DEFAULT_BLOCK_SIZE, with_row_max: bool = False):
     """Blocked exact top-k on already validated (and, if wanted, normalised) float32 arrays."""
     gallery_sq = np.sum(gallery.astype(np.float32) ** 2, axis=1)
     return run_blocked(_topk_block, query, (gallery, gallery_sq), block_size=block_size,
-                                          k=k, mode=mode, with_row_max=with_row_max)
+                       k=k, mode=mode, with_row_max=with_row_max)
 
 
 def knn(query_embeddings, gallery_embeddings=None, *, k: int, normalize: bool = True,
-                block_size: int = DEFAULT_BLOCK_SIZE) -> tuple[np.ndarray, np.ndarray]:
+        block_size: int = DEFAULT_BLOCK_SIZE) -> tuple[np.ndarray, np.ndarray]:
     """Exact k nearest gallery items of every query, by Euclidean distance.
 
     Args:
@@ -152,8 +152,8 @@ def knn(query_embeddings, gallery_embeddings=None, *, k: int, normalize: bool = 
         gallery = _checks.as_embeddings("gallery_embeddings", gallery_embeddings)
         if gallery.shape[1] != query.shape[1]:
             raise ValueError(
-                    f"query_embeddings has dimension {query.shape[1]} but gallery_embeddings has "
-                    f"{gallery.shape[1]} (shapes {query.shape} and {gallery.shape}).")
+                f"query_embeddings has dimension {query.shape[1]} but gallery_embeddings has "
+                f"{gallery.shape[1]} (shapes {query.shape} and {gallery.shape}).")
         mode, limit, what = CROSS, gallery.shape[0], "the gallery size"
     (k,) = _checks.as_ks("k", (k,), limit, what)
     if normalize:

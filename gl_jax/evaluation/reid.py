@@ -56,7 +56,7 @@ def _per_query(dist, q_ids, q_cams, g_ids, g_cams, junk, remove_junk):
     safe = np.maximum(num_matches, 1)
     ap = np.sum(np.where(is_match, match_count / np.maximum(rank, 1), 0.0), axis=1) / safe
     first_rank = np.where(num_matches > 0, np.take_along_axis(
-            rank, np.argmax(is_match, axis=1)[:, None], axis=1)[:, 0], 0)
+        rank, np.argmax(is_match, axis=1)[:, None], axis=1)[:, 0], 0)
     last_pos = is_match.shape[1] - 1 - np.argmax(is_match[:, ::-1], axis=1)
     last_rank = np.take_along_axis(rank, last_pos[:, None], axis=1)[:, 0]
     inp = np.where(num_matches > 0, num_matches / np.maximum(last_rank, 1), 0.0)
@@ -64,10 +64,10 @@ def _per_query(dist, q_ids, q_cams, g_ids, g_cams, junk, remove_junk):
 
 
 def reid_metrics(query_embeddings, query_ids, query_cameras, gallery_embeddings,
-                                  gallery_ids, gallery_cameras, ranks: Sequence[int] = (1, 5, 10), *,
-                                  junk_ids: Sequence[int] = (0, -1), remove_junk: bool = False,
-                                  normalize: bool = True, block_size: int = DEFAULT_REID_BLOCK_SIZE,
-                                  distances=None, rerank: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                 gallery_ids, gallery_cameras, ranks: Sequence[int] = (1, 5, 10), *,
+                 junk_ids: Sequence[int] = (0, -1), remove_junk: bool = False,
+                 normalize: bool = True, block_size: int = DEFAULT_REID_BLOCK_SIZE,
+                 distances=None, rerank: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """CMC rank@K, mAP and mINP of queries against a gallery, re-id protocol (see module doc).
 
     Args:
@@ -96,15 +96,15 @@ def reid_metrics(query_embeddings, query_ids, query_cameras, gallery_embeddings,
         g = _checks.as_embeddings("gallery_embeddings", gallery_embeddings)
         if q.shape[1] != g.shape[1]:
             raise ValueError(
-                    f"query_embeddings has dimension {q.shape[1]} but gallery_embeddings has "
-                    f"{g.shape[1]} (shapes {q.shape} and {g.shape}).")
+                f"query_embeddings has dimension {q.shape[1]} but gallery_embeddings has "
+                f"{g.shape[1]} (shapes {q.shape} and {g.shape}).")
         n_query, n_gallery = q.shape[0], g.shape[0]
     else:
         distances = np.asarray(distances)
         if distances.ndim != 2 or distances.shape[1] == 0:
             raise ValueError(
-                    f"distances must have shape (n_query, n_gallery) with n_gallery >= 1; got "
-                    f"{distances.shape}.")
+                f"distances must have shape (n_query, n_gallery) with n_gallery >= 1; got "
+                f"{distances.shape}.")
         if not np.isfinite(distances).all():
             raise ValueError(f"distances (shape {distances.shape}) contains NaN or inf values.")
         n_query, n_gallery = distances.shape
@@ -132,20 +132,20 @@ def reid_metrics(query_embeddings, query_ids, query_cameras, gallery_embeddings,
             q_block = q[start:stop]
             if n_query > block_size and stop - start < block_size:  # one shape, one compilation
                 q_block = np.concatenate([q_block, np.zeros((block_size - (stop - start), q.shape[1]),
-                                                                                                        np.float32)])
+                                                            np.float32)])
             (dist,) = knn_lib.run_blocked(_distance_block, q_block, (g, g_sq), block_size=block_size)
             dist = dist[:stop - start]
         else:
             dist = distances[start:stop].astype(np.float32)
         ap, inp, first, count = _per_query(dist, q_ids[start:stop], q_cams[start:stop], g_ids,
-                                                                              g_cams, junk, remove_junk)
+                                           g_cams, junk, remove_junk)
         aps.append(ap), inps.append(inp), firsts.append(first), counts.append(count)
     ap, inp, first, count = map(np.concatenate, (aps, inps, firsts, counts))
     valid = count > 0
     if not valid.any():
         raise ValueError(
-                f"no query has a valid match in the gallery (all {n_query} queries skipped); "
-                "check ids, cameras and junk_ids.")
+            f"no query has a valid match in the gallery (all {n_query} queries skipped); "
+            "check ids, cameras and junk_ids.")
     out: dict[str, Any] = {f"rank@{k}": float(np.mean(first[valid] <= k)) for k in ranks}
     out["map"] = float(np.mean(ap[valid]))
     out["minp"] = float(np.mean(inp[valid]))

@@ -70,7 +70,7 @@ def _expanded_sets(recip: np.ndarray, recip_half: np.ndarray, chunk: int = 1024)
         # Zhong: |R(c, k1/2) & R(i, k1)| > 2/3 |R(c, k1/2)|, in integers.
         take = (own >= 0) & (3 * shared > 2 * cand_size)
         members = np.concatenate(
-                [own, np.where(take[:, :, None], cand, -1).reshape(stop - start, -1)], axis=1)
+            [own, np.where(take[:, :, None], cand, -1).reshape(stop - start, -1)], axis=1)
         rows = np.broadcast_to(np.arange(start, stop)[:, None], members.shape)
         valid = members >= 0
         keys = np.unique(rows[valid].astype(np.int64) * n + members[valid])
@@ -80,7 +80,7 @@ def _expanded_sets(recip: np.ndarray, recip_half: np.ndarray, chunk: int = 1024)
 
 
 def _pair_sq_distances(x: np.ndarray, rows: np.ndarray, cols: np.ndarray,
-                                              chunk: int = 1 << 16) -> np.ndarray:
+                       chunk: int = 1 << 16) -> np.ndarray:
     out = np.empty(rows.shape[0], np.float32)
     sq = np.sum(x * x, axis=1)
     for start in range(0, rows.shape[0], chunk):
@@ -137,11 +137,11 @@ def _query_expansion(v: _Csr, nearest: np.ndarray, budget: int) -> _Csr:
         cols_out.append(keys % n)
         vals_out.append(np.bincount(inverse.reshape(-1), weights=vals) / k2)
     return _Csr(n, np.concatenate(rows_out), np.concatenate(cols_out),
-                            np.concatenate(vals_out))
+                np.concatenate(vals_out))
 
 
 def _min_overlap_block(v: _Csr, col_order: np.ndarray, col_ptr: np.ndarray, row_start: int,
-                                              row_stop: int, gallery_start: int, n_gallery: int) -> np.ndarray:
+                       row_stop: int, gallery_start: int, n_gallery: int) -> np.ndarray:
     """m[i, j] = sum_k min(V[i, k], V[j, k]) for rows [row_start, row_stop), gallery cols."""
     lo, hi = v.indptr[row_start], v.indptr[row_stop]
     e_rows, e_cols, e_vals = v.rows[lo:hi], v.cols[lo:hi], v.vals[lo:hi]
@@ -153,14 +153,14 @@ def _min_overlap_block(v: _Csr, col_order: np.ndarray, col_ptr: np.ndarray, row_
     mins = np.minimum(np.repeat(e_vals, lens), v.vals[partner])
     keep = (partner_rows >= 0) & (partner_rows < n_gallery)
     flat = (np.repeat(e_rows - row_start, lens)[keep].astype(np.int64) * n_gallery
-                    + partner_rows[keep])
+            + partner_rows[keep])
     b = row_stop - row_start
     return np.bincount(flat, weights=mins[keep], minlength=b * n_gallery).reshape(b, n_gallery)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "exclude_self"))
 def _final_block(query_block, overlap, row_max_sq, row_offset, gallery, gallery_sq,
-                                  *, lambda_value, k, exclude_self):
+                 *, lambda_value, k, exclude_self):
     """Final distances of a block; their top-k (ties: smaller index first) when k > 0."""
     d_orig = knn_lib.block_sq_distances(query_block, gallery, gallery_sq) / row_max_sq[:, None]
     jaccard = 1.0 - overlap / (2.0 - overlap)
@@ -175,9 +175,9 @@ def _final_block(query_block, overlap, row_max_sq, row_offset, gallery, gallery_
 
 
 def k_reciprocal_rerank(query_embeddings, gallery_embeddings=None, *, k1: int = 20,
-                                                k2: int = 6, lambda_value: float = 0.3, top_k: int | None = None,
-                                                normalize: bool = True, block_size: int = 512,
-                                                pair_budget: int = DEFAULT_PAIR_BUDGET):
+                        k2: int = 6, lambda_value: float = 0.3, top_k: int | None = None,
+                        normalize: bool = True, block_size: int = 512,
+                        pair_budget: int = DEFAULT_PAIR_BUDGET):
     """k-reciprocal re-ranked distances of queries to a gallery (see the module docstring).
 
     Args:
@@ -205,8 +205,8 @@ def k_reciprocal_rerank(query_embeddings, gallery_embeddings=None, *, k1: int = 
         g = _checks.as_embeddings("gallery_embeddings", gallery_embeddings)
         if g.shape[1] != q.shape[1]:
             raise ValueError(
-                    f"query_embeddings has dimension {q.shape[1]} but gallery_embeddings has "
-                    f"{g.shape[1]} (shapes {q.shape} and {g.shape}).")
+                f"query_embeddings has dimension {q.shape[1]} but gallery_embeddings has "
+                f"{g.shape[1]} (shapes {q.shape} and {g.shape}).")
         x = np.concatenate([q, g])
         n_query, gallery_start, n_gallery = q.shape[0], q.shape[0], g.shape[0]
     n = x.shape[0]
@@ -228,7 +228,7 @@ def k_reciprocal_rerank(query_embeddings, gallery_embeddings=None, *, k1: int = 
 
     num_nearest = max(k1 + 1, k2)
     _, nearest, row_max = knn_lib.knn_arrays(x, x, num_nearest, mode=knn_lib.SELF_ZERO,
-                                                                                      with_row_max=True)
+                                             with_row_max=True)
     row_max_sq = (row_max.astype(np.float64) ** 2)
     # All items identical: every distance is 0; any positive scale leaves them 0.
     row_max_sq = np.where(row_max_sq > 0, row_max_sq, 1.0).astype(np.float32)
@@ -261,7 +261,7 @@ def k_reciprocal_rerank(query_embeddings, gallery_embeddings=None, *, k1: int = 
     # Rows of a block: at most block_size, and at most pair_budget expanded pairs.
     for start, stop in _row_chunks(pairs_per_row[:n_query], pair_budget, block_size):
         overlap = _min_overlap_block(v, col_order, col_ptr, start, stop, gallery_start,
-                                                                  n_gallery).astype(np.float32)
+                                     n_gallery).astype(np.float32)
         b = stop - start
         qb, ob, rb = x[start:stop], overlap, row_max_sq[start:stop]
         if b < pad_rows:  # pad to one shape: one compilation
@@ -269,8 +269,8 @@ def k_reciprocal_rerank(query_embeddings, gallery_embeddings=None, *, k1: int = 
             ob = np.concatenate([ob, np.zeros((pad_rows - b, n_gallery), np.float32)])
             rb = np.concatenate([rb, np.ones(pad_rows - b, np.float32)])
         out = _final_block(qb, ob, rb, jnp.int32(start), gallery_dev, gallery_sq_dev,
-                                              lambda_value=jnp.float32(lambda_value), k=top_k or 0,
-                                              exclude_self=same_set and top_k is not None)
+                           lambda_value=jnp.float32(lambda_value), k=top_k or 0,
+                           exclude_self=same_set and top_k is not None)
         for target, o in zip(outs, out):
             target[start:stop] = np.asarray(o)[:b]
     return outs[0] if top_k is None else (outs[0], outs[1])

@@ -76,7 +76,7 @@ def first_hit_by_counting(dist, is_positive):
 
 @functools.partial(jax.jit, static_argnames=("k", "mode"))
 def _fused_block(query_block, query_labels, query_r, row_offset, gallery, gallery_sq,
-                                  gallery_labels, *, k, mode):
+                 gallery_labels, *, k, mode):
     """Per-query metrics of a block. Recall@K needs only the rank of the first positive,
     found by counting (O(b n), no sort); MAP@R and R-precision need the top-k with
     k = max R, which is small on the usual benchmarks (11 on SOP)."""
@@ -87,7 +87,7 @@ def _fused_block(query_block, query_labels, query_r, row_offset, gallery, galler
     first_hit = first_hit_by_counting(dist, is_positive)
     _, idx = jax.lax.top_k(-dist, k)
     _, r_precision, ap_at_r = per_query_from_hits(
-            gallery_labels[idx] == query_labels[:, None], query_r)
+        gallery_labels[idx] == query_labels[:, None], query_r)
     return first_hit, r_precision, ap_at_r
 
 
@@ -103,8 +103,8 @@ def _summarise(per_query, r_counts, ks) -> dict[str, Any]:
     num_valid = int(valid.sum())
     if num_valid == 0:
         raise ValueError(
-                f"no query has another item with its label (all {r_counts.size} queries would be "
-                "excluded); retrieval metrics are undefined.")
+            f"no query has another item with its label (all {r_counts.size} queries would be "
+            "excluded); retrieval metrics are undefined.")
     out: dict[str, Any] = {}
     for k in ks:
         out[f"recall@{k}"] = float(np.mean(first_hit[valid] < k))
@@ -120,51 +120,51 @@ def _check_neighbours(neighbours, n_query: int, n_gallery: int, k_needed: int) -
     neighbours = np.asarray(neighbours)
     if neighbours.ndim != 2 or neighbours.shape[0] != n_query:
         raise ValueError(
-                f"neighbours must have shape ({n_query}, k); got shape {neighbours.shape}.")
+            f"neighbours must have shape ({n_query}, k); got shape {neighbours.shape}.")
     if not np.issubdtype(neighbours.dtype, np.integer):
         raise ValueError(f"neighbours must hold integer indices; got dtype {neighbours.dtype}.")
     if neighbours.shape[1] < k_needed:
         raise ValueError(
-                f"neighbours has {neighbours.shape[1]} columns but these metrics need the "
-                f"{k_needed} nearest (max(ks) and the largest R).")
+            f"neighbours has {neighbours.shape[1]} columns but these metrics need the "
+            f"{k_needed} nearest (max(ks) and the largest R).")
     neighbours = neighbours[:, :k_needed].astype(np.int32)
     if neighbours.min() < 0 or neighbours.max() >= n_gallery:
         raise ValueError(
-                f"neighbours holds indices outside [0, {n_gallery}): min {neighbours.min()}, "
-                f"max {neighbours.max()}.")
+            f"neighbours holds indices outside [0, {n_gallery}): min {neighbours.min()}, "
+            f"max {neighbours.max()}.")
     return neighbours
 
 
 def _compute(query, query_codes, query_r, gallery, gallery_codes, ks, *, mode, normalize,
-                          block_size, neighbours, rerank, gallery_given):
+             block_size, neighbours, rerank, gallery_given):
     k_needed = int(max(max(ks), query_r.max()))  # neighbours a precomputed ranking must hold
     if rerank is not None:
         from gl_jax.evaluation import reranking  # local: reranking imports knn only
         _, neighbours = reranking.k_reciprocal_rerank(
-                query, gallery if gallery_given else None, top_k=k_needed, normalize=normalize,
-                block_size=block_size, **dict(rerank))
+            query, gallery if gallery_given else None, top_k=k_needed, normalize=normalize,
+            block_size=block_size, **dict(rerank))
     if neighbours is not None:
         neighbours = _check_neighbours(neighbours, query.shape[0], gallery.shape[0], k_needed)
         per_query = knn_lib.run_blocked(
-                _neighbour_block, neighbours, (gallery_codes,), query_extras=(query_codes, query_r),
-                block_size=block_size)
+            _neighbour_block, neighbours, (gallery_codes,), query_extras=(query_codes, query_r),
+            block_size=block_size)
     else:
         if normalize:
             query = knn_lib.l2_normalize(query)
             gallery = query if not gallery_given else knn_lib.l2_normalize(gallery)
         gallery_sq = np.sum(gallery ** 2, axis=1)
         per_query = knn_lib.run_blocked(
-                _fused_block, query, (gallery, gallery_sq, gallery_codes),
-                query_extras=(query_codes, query_r), block_size=block_size,
-                k=max(int(query_r.max()), 1), mode=mode)
+            _fused_block, query, (gallery, gallery_sq, gallery_codes),
+            query_extras=(query_codes, query_r), block_size=block_size,
+            k=max(int(query_r.max()), 1), mode=mode)
     return _summarise(per_query, query_r, ks)
 
 
 def retrieval_metrics(embeddings, labels, ks: Sequence[int] = (1, 2, 4, 8), *,
-                                            nmi: bool = True, normalize: bool = True,
-                                            block_size: int = knn_lib.DEFAULT_BLOCK_SIZE, neighbours=None,
-                                            rerank: Mapping[str, Any] | None = None, seed: int = 0,
-                                            nmi_backend: str = "sklearn") -> dict[str, Any]:
+                      nmi: bool = True, normalize: bool = True,
+                      block_size: int = knn_lib.DEFAULT_BLOCK_SIZE, neighbours=None,
+                      rerank: Mapping[str, Any] | None = None, seed: int = 0,
+                      nmi_backend: str = "sklearn") -> dict[str, Any]:
     """Retrieval metrics where every item queries all the others (CUB, Cars, SOP protocol).
 
     Args:
@@ -197,20 +197,20 @@ def retrieval_metrics(embeddings, labels, ks: Sequence[int] = (1, 2, 4, 8), *,
     (codes,) = _checks.encode_labels(y)
     r_counts = (np.bincount(codes)[codes] - 1).astype(np.int32)
     out = _compute(x, codes, r_counts, x, codes, ks, mode=knn_lib.EXCLUDE_SELF,
-                                  normalize=normalize, block_size=block_size, neighbours=neighbours,
-                                  rerank=rerank, gallery_given=False)
+                   normalize=normalize, block_size=block_size, neighbours=neighbours,
+                   rerank=rerank, gallery_given=False)
     if nmi:
         out["nmi"] = clustering.nmi(x, y, seed=seed, normalize=normalize, backend=nmi_backend)
     return out
 
 
 def retrieval_metrics_query_gallery(query_embeddings, query_labels, gallery_embeddings,
-                                                                        gallery_labels,
-                                                                        ks: Sequence[int] = (1, 10, 20, 30, 40, 50), *,
-                                                                        normalize: bool = True,
-                                                                        block_size: int = knn_lib.DEFAULT_BLOCK_SIZE,
-                                                                        neighbours=None,
-                                                                        rerank: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                                    gallery_labels,
+                                    ks: Sequence[int] = (1, 10, 20, 30, 40, 50), *,
+                                    normalize: bool = True,
+                                    block_size: int = knn_lib.DEFAULT_BLOCK_SIZE,
+                                    neighbours=None,
+                                    rerank: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Retrieval metrics of queries against a separate gallery (In-Shop protocol).
 
     Same definitions as ``retrieval_metrics``, with R = number of gallery items carrying the
@@ -230,8 +230,8 @@ def retrieval_metrics_query_gallery(query_embeddings, query_labels, gallery_embe
     g = _checks.as_embeddings("gallery_embeddings", gallery_embeddings)
     if q.shape[1] != g.shape[1]:
         raise ValueError(
-                f"query_embeddings has dimension {q.shape[1]} but gallery_embeddings has "
-                f"{g.shape[1]} (shapes {q.shape} and {g.shape}).")
+            f"query_embeddings has dimension {q.shape[1]} but gallery_embeddings has "
+            f"{g.shape[1]} (shapes {q.shape} and {g.shape}).")
     qy = _checks.as_labels("query_labels", query_labels, q.shape[0], "query_embeddings")
     gy = _checks.as_labels("gallery_labels", gallery_labels, g.shape[0], "gallery_embeddings")
     ks = _checks.as_ks("ks", ks, g.shape[0], "the gallery size")
@@ -241,5 +241,5 @@ def retrieval_metrics_query_gallery(query_embeddings, query_labels, gallery_embe
     class_counts = np.bincount(g_codes, minlength=int(max(q_codes.max(), g_codes.max())) + 1)
     r_counts = class_counts[q_codes].astype(np.int32)
     return _compute(q, q_codes, r_counts, g, g_codes, ks, mode=knn_lib.CROSS,
-                                    normalize=normalize, block_size=block_size, neighbours=neighbours,
-                                    rerank=rerank, gallery_given=True)
+                    normalize=normalize, block_size=block_size, neighbours=neighbours,
+                    rerank=rerank, gallery_given=True)

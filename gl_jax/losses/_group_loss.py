@@ -16,6 +16,9 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
+from gl_jax.losses._pairwise import compute_dtype as _compute_dtype
+from gl_jax.losses._pairwise import concrete as _concrete
+
 # Centred rows whose squared norm is below this are treated as constant (their
 # correlation with anything else is undefined, 0/0). 1e-20 keeps every realistic
 # embedding, and 1/sqrt(1e-20) = 1e10 keeps gradients finite in float32.
@@ -26,27 +29,10 @@ _CONSTANT_ROW_SQNORM = 1e-20
 _LOG_EPS = 1e-12
 
 
-def _compute_dtype(*arrays) -> jnp.dtype:
-    """float32 for bfloat16/float16/float32 inputs; float64 only if an input is float64."""
-    dtype = jnp.float32
-    for a in arrays:
-        if a is not None:
-            dtype = jnp.promote_types(dtype, jnp.asarray(a).dtype)
-    return dtype
-
-
-def _concrete(x):
-    """The value of `x` as numpy when it is known at trace time, else None (under jit/vmap)."""
-    try:
-        return np.asarray(x)
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-        return None
-
-
 def _check_rank(name: str, x, rank: int, what: str) -> None:
     if jnp.ndim(x) != rank:
         raise ValueError(
-                f"{name} must have rank {rank} ({what}), got shape {jnp.shape(x)}.")
+            f"{name} must have rank {rank} ({what}), got shape {jnp.shape(x)}.")
 
 
 def pearson_similarity(embeddings: jax.Array) -> jax.Array:
@@ -82,7 +68,7 @@ def pearson_similarity(embeddings: jax.Array) -> jax.Array:
 
 
 def replicator_dynamics(similarity: jax.Array, probs: jax.Array,
-                                                num_iterations: int = 1) -> jax.Array:
+                        num_iterations: int = 1) -> jax.Array:
     """Discrete replicator dynamics, `num_iterations` steps of `X <- X * (W X)`, rows renormalised.
 
     Each step multiplies a sample's class distribution by the support its neighbours give
@@ -102,8 +88,8 @@ def replicator_dynamics(similarity: jax.Array, probs: jax.Array,
     n = jnp.shape(probs)[0]
     if jnp.shape(similarity) != (n, n):
         raise ValueError(
-                f"similarity must be [n, n] with n = probs.shape[0] = {n}; got similarity "
-                f"{jnp.shape(similarity)} and probs {jnp.shape(probs)}.")
+            f"similarity must be [n, n] with n = probs.shape[0] = {n}; got similarity "
+            f"{jnp.shape(similarity)} and probs {jnp.shape(probs)}.")
     if not isinstance(num_iterations, (int, np.integer)) or num_iterations < 0:
         raise ValueError(f"num_iterations must be a Python int >= 0, got {num_iterations!r}.")
     dtype = _compute_dtype(similarity, probs)
@@ -156,8 +142,8 @@ def _validate(logits, labels, anchors, embeddings, temperature) -> None:
     for name, x in (("labels", labels), ("anchors", anchors)):
         if jnp.shape(x) != (n,):
             raise ValueError(
-                    f"{name} must have shape [n] = ({n},) to match logits {jnp.shape(logits)}; "
-                    f"got {jnp.shape(x)}.")
+                f"{name} must have shape [n] = ({n},) to match logits {jnp.shape(logits)}; "
+                f"got {jnp.shape(x)}.")
     if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
         raise ValueError(f"labels must be integers, got dtype {jnp.result_type(labels)}.")
     if jnp.result_type(anchors) != jnp.bool_:
@@ -166,30 +152,30 @@ def _validate(logits, labels, anchors, embeddings, temperature) -> None:
         _check_rank("embeddings", embeddings, 2, "[n, d]")
         if jnp.shape(embeddings)[0] != n:
             raise ValueError(
-                    f"embeddings must have n = {n} rows to match logits {jnp.shape(logits)}; "
-                    f"got {jnp.shape(embeddings)}.")
+                f"embeddings must have n = {n} rows to match logits {jnp.shape(logits)}; "
+                f"got {jnp.shape(embeddings)}.")
         if not jnp.issubdtype(jnp.result_type(embeddings), jnp.floating):
             raise ValueError(
-                    f"embeddings must be floating point, got dtype {jnp.result_type(embeddings)}.")
+                f"embeddings must be floating point, got dtype {jnp.result_type(embeddings)}.")
     label_values = _concrete(labels)
     if label_values is not None and label_values.size:
         bad = (label_values < 0) | (label_values >= m)
         if bad.any():
             raise ValueError(
-                    f"labels must lie in [0, {m}) (logits have m = {m} classes); got "
-                    f"{label_values[bad][:5].tolist()} at positions {np.flatnonzero(bad)[:5].tolist()}.")
+                f"labels must lie in [0, {m}) (logits have m = {m} classes); got "
+                f"{label_values[bad][:5].tolist()} at positions {np.flatnonzero(bad)[:5].tolist()}.")
     t = _concrete(temperature)
     if t is not None and not (np.all(np.isfinite(t)) and np.all(t > 0)):
         raise ValueError(f"temperature must be finite and > 0, got {t}.")
 
 
 def group_loss(logits: jax.Array,
-                              labels: jax.Array,
-                              anchors: jax.Array,
-                              embeddings: jax.Array | None = None,
-                              *,
-                              temperature: float | jax.Array = 1.0,
-                              num_iterations: int = 1) -> jax.Array:
+               labels: jax.Array,
+               anchors: jax.Array,
+               embeddings: jax.Array | None = None,
+               *,
+               temperature: float | jax.Array = 1.0,
+               num_iterations: int = 1) -> jax.Array:
     r"""Per-example Group Loss.
 
     With `n` samples, `m` training classes, logits `z`, labels `y`, anchor mask `a`:
@@ -264,5 +250,5 @@ def group_loss(logits: jax.Array,
 
     # mode="fill" turns an out-of-range label (possible only under jit) into NaN, loudly.
     true_prob = jnp.take_along_axis(
-            probs, labels[:, None].astype(jnp.int32), axis=1, mode="fill", fill_value=jnp.nan)[:, 0]
+        probs, labels[:, None].astype(jnp.int32), axis=1, mode="fill", fill_value=jnp.nan)[:, 0]
     return -jnp.log(true_prob + _LOG_EPS)
