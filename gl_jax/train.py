@@ -611,6 +611,7 @@ def _run_stage(stage: Stage, resume_step, state, meta, graphdef, data_sharding, 
                 bar.close()
                 logging.warning("stopped at step %d after SIGTERM; the same command resumes.",
                                 step)
+                _close(iterator)
                 return state, True
         bar.close()
         flush()
@@ -625,7 +626,15 @@ def _run_stage(stage: Stage, resume_step, state, meta, graphdef, data_sharding, 
                 meta.update(best_score=score, best_step=step, best_epoch=epoch + 1)
                 checkpoints.save_best(state, step, dict(meta))
         save()
+    _close(iterator)
     return state, False
+
+
+def _close(iterator) -> None:
+    """Stops the grain worker processes of a multiprocess iterator (no-op otherwise)."""
+    close = getattr(iterator, "close", None)
+    if close is not None:
+        close()
 
 
 def _maybe_reload_best(stage, epoch, state, checkpoints, config):
