@@ -24,7 +24,6 @@ import json
 import math
 import os
 import signal
-import time
 from typing import Any, Callable
 
 from absl import logging
