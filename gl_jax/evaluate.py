@@ -580,8 +580,10 @@ def evaluate(config: ml_collections.ConfigDict, workdirs: Sequence[str], *,
         report["pictures"]["retrieval"] = dict(info, row=row.name)
     if tsne:
         part = parts[-1]   # 'test', or the gallery of query/gallery datasets
+        # Coloured and labelled by the dataset's class names (dense labels restart at 0).
+        names = np.asarray(splits[part].class_names)[embedded[part]["label"]]
         image, kept = visualize.tsne_map(
-            arrays[f"{part}_embedding"], embedded[part]["label"], max_points=tsne_points,
+            arrays[f"{part}_embedding"], names, max_points=tsne_points,
             size=tsne_size, seed=int(config.seed), iterations=tsne_iterations)
         files["tsne_png"] = os.path.join(output_dir, "tsne.png")
         image.save(files["tsne_png"])
