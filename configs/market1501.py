@@ -15,23 +15,4 @@ from configs import common
 
 
 def get_config(arg: str | None = None):
-    config = common.get_config("market1501")
-    config.model.name = "resnet50"
-    config.data.normalization = "imagenet"
-    config.data.image_size = 224
-    config.data.resize_size = 256
-    config.sampler.classes_per_batch = 8
-    config.sampler.samples_per_class = 4
-    config.loss.temperature = 24.0
-    config.loss.anchors_per_class = 1
-    config.optimizer.lr = 1.5637e-4
-    config.optimizer.weight_decay = 6.06e-6
-    config.evals.ks = (1, 5, 10)
-    config.evals.nmi = False
-    config.selection.metric = "rank@1"
-    if arg == "quick":
-        common.quick(config)
-        config.evals.ks = (1, 5)
-    elif arg:
-        raise ValueError(f"unknown config argument {arg!r}; use 'quick' or nothing")
-    return config
+    return common.reid_config("market1501", arg)
