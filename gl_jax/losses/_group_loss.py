@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from gl_jax.losses._pairwise import compute_dtype as _compute_dtype
+from gl_jax.losses._pairwise import check_label_range
 from gl_jax.losses._pairwise import concrete as _concrete
 
 # Centred rows whose squared norm is below this are treated as constant (their
@@ -157,13 +158,7 @@ def _validate(logits, labels, anchors, embeddings, temperature) -> None:
         if not jnp.issubdtype(jnp.result_type(embeddings), jnp.floating):
             raise ValueError(
                 f"embeddings must be floating point, got dtype {jnp.result_type(embeddings)}.")
-    label_values = _concrete(labels)
-    if label_values is not None and label_values.size:
-        bad = (label_values < 0) | (label_values >= m)
-        if bad.any():
-            raise ValueError(
-                f"labels must lie in [0, {m}) (logits have m = {m} classes); got "
-                f"{label_values[bad][:5].tolist()} at positions {np.flatnonzero(bad)[:5].tolist()}.")
+    check_label_range(labels, m, "logits")
     t = _concrete(temperature)
     if t is not None and not (np.all(np.isfinite(t)) and np.all(t > 0)):
         raise ValueError(f"temperature must be finite and > 0, got {t}.")

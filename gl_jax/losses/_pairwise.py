@@ -63,12 +63,18 @@ def check_proxies(proxies, embeddings, labels) -> None:
         raise ValueError(
             f"proxies must be [m, d] with d = embeddings.shape[1] = {jnp.shape(embeddings)[1]}; "
             f"got proxies {jnp.shape(proxies)} and embeddings {jnp.shape(embeddings)}.")
+    check_label_range(labels, m, "proxies")
+
+
+def check_label_range(labels, m: int, source: str) -> None:
+    """Labels in [0, m) when their values are known at trace time (not under jit/vmap);
+    `source` names the argument that fixes m (e.g. "logits", "proxies")."""
     values = concrete(labels)
     if values is not None and values.size:
         bad = (values < 0) | (values >= m)
         if bad.any():
             raise ValueError(
-                f"labels must lie in [0, {m}) (proxies have m = {m} classes); got "
+                f"labels must lie in [0, {m}) ({source} have m = {m} classes); got "
                 f"{values[bad][:5].tolist()} at positions {np.flatnonzero(bad)[:5].tolist()}.")
 
 
