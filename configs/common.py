@@ -55,7 +55,7 @@ def get_config(dataset: str = "digits") -> ml_collections.ConfigDict:
     config.optimizer.eps = 1e-8
 
     config.schedule = ml_collections.ConfigDict()
-    config.schedule.epochs = 70
+    config.schedule.epochs = 70   # 0: the warm-up stage alone (a classification baseline)
     # 1-based epochs at whose start lr becomes lr * factor (factors relative to the
     # initial lr: the original sets lr / 10 at both 31 and 51) and, with
     # reload_best_at_drop, the best checkpoint so far is reloaded first.
@@ -69,7 +69,7 @@ def get_config(dataset: str = "digits") -> ml_collections.ConfigDict:
     config.warmup = ml_collections.ConfigDict()
     config.warmup.epochs = 10
     config.warmup.lr = 3e-4
-    config.warmup.eps = 1e-2
+    config.warmup.eps = 1e-2   # RAdam's betas: those of config.optimizer
     config.warmup.classes_per_batch = 8  # 8 x 4 = the reference's batch of 32
     config.warmup.samples_per_class = 4
     config.warmup.steps_per_epoch = 0

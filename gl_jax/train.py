@@ -342,7 +342,12 @@ def make_stages(config, train_source) -> list[Stage]:
         data_config.augment = False   # the reference fine-tunes with the test-style transform
         spe = _steps_per_epoch(train_source, sampler, config.warmup.steps_per_epoch)
         stage = Stage(WARMUP, step, int(config.warmup.epochs), spe,
-                      make_optimizer(float(config.warmup.lr), eps=float(config.warmup.eps)),
+                      # Its own lr and eps (the reference's); the betas of config.optimizer,
+                      # so that a run which shortens RAdam's rectification (smaller b2)
+                      # does so for both stages.
+                      make_optimizer(float(config.warmup.lr), eps=float(config.warmup.eps),
+                                     b1=float(config.optimizer.b1),
+                                     b2=float(config.optimizer.b2)),
                       LossSpec(), sampler, data_config)
         stages.append(stage)
         step = stage.last_step

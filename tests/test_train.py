@@ -323,3 +323,26 @@ def test_weight_decay_is_decoupled():
     updates, state = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
     np.testing.assert_allclose(optax.apply_updates(params, updates)["w"],
                                params["w"] * (1 - 0.1 * 0.01), rtol=1e-6)
+
+
+def test_warmup_stage_takes_the_betas_of_the_optimizer_config():
+    config = quick_config(optimizer__b2=0.95, optimizer__b1=0.8, warmup__lr=1e-3)
+    warmup, group = train.make_stages(config, train.load_splits(config)["train"])
+    params = {"w": jax.numpy.zeros(3)}
+    hyper = warmup.tx.init(params).hyperparams
+    assert float(hyper["b2"]) == pytest.approx(0.95) and float(hyper["b1"]) == pytest.approx(0.8)
+    # lr and eps stay the warm-up's own.
+    assert float(hyper["learning_rate"]) == pytest.approx(1e-3)
+    assert float(hyper["eps"]) == pytest.approx(float(config.warmup.eps))
+    assert float(group.tx.init(params).hyperparams["b2"]) == pytest.approx(0.95)
+
+
+def test_zero_group_epochs_runs_the_warmup_alone(tmp_path):
+    config = quick_config(schedule__epochs=0, warmup__epochs=1, warmup__steps_per_epoch=3)
+    state = train.train_and_evaluate(config, str(tmp_path))
+    assert int(state.step) == 3
+    rows = read_metrics(str(tmp_path))
+    assert any("warmup/loss" in r for r in rows)
+    assert not any("group/loss" in r for r in rows)
+    results = json.load(open(tmp_path / "results.json"))
+    assert 0.0 < results["test"]["recall@1"] <= 1.0

@@ -152,7 +152,7 @@ def base_config(args, root: str, num_train: int):
     # (measured: the classifier's CE stayed at its initial value). 0.95 shortens it.
     c.optimizer.b2 = args.b2
     c.optimizer.weight_decay = 0.0
-    c.warmup.epochs = 0
+    c.warmup.epochs = 0   # with --warmup_epochs, a shared warm-up run: see warmed_model
     c.schedule.epochs = args.epochs
     c.schedule.steps_per_epoch = args.steps_per_epoch
     # One tenth of the lr for the last epoch. No evaluation inside the loop (every_epochs
@@ -170,6 +170,54 @@ def base_config(args, root: str, num_train: int):
     c.logging.every_steps = 20
     c.mesh.num_devices = 1
     return c
+
+
+def warmup_config(args, root: str, num_train: int, seed: int):
+    """The classification warm-up alone (schedule.epochs = 0), one per seed.
+
+    The reference's fine-tuning (plain CE over the training classes, its eps 1e-2) at
+    this budget's steps per epoch and --warmup_lr; RAdam's betas are the optimizer's
+    (--b2). Every loss then starts from its result (model.init_from): backbone, BatchNorm
+    statistics and classifier, whose weights the proxy losses use as their proxies. It
+    is the same computation as the trainer's own warm-up stage, run once per seed
+    instead of once per loss and seed."""
+    c = base_config(args, root, num_train)
+    c.seed = seed
+    c.data.seed = seed
+    c.warmup.epochs = args.warmup_epochs
+    c.warmup.steps_per_epoch = args.steps_per_epoch
+    c.warmup.lr = args.warmup_lr
+    c.schedule.epochs = 0
+    c.schedule.lr_drop_epochs = ()
+    c.schedule.lr_drop_factors = ()
+    c.evals.every_epochs = args.warmup_epochs + 1   # no evaluation before the final one
+    return c
+
+
+def warmed_model(config, cache_dir: str, dataset: str) -> tuple[str, dict]:
+    """Trains (or reuses) a warm-up run; returns the exported weights' directory and the
+    run's result (its test metrics: the "warm-up only" row)."""
+    from flax import nnx
+    from gl_jax import train, weights
+    workdir = os.path.join(cache_dir, "runs", dataset, run_id(config))
+    export = os.path.join(workdir, "warmed")
+    if not os.path.isfile(os.path.join(export, "metadata.json")):
+        print(f"[warm-up] seed {config.seed} -> {workdir}", flush=True)
+        start = time.time()
+        # A finished run is resumed at its last checkpoint: nothing is trained again.
+        state = train.train_and_evaluate(config, workdir)
+        model = train.build_model(config, train.load_splits(config)["train"].num_classes)
+        nnx.update(model, state.params, state.model_state)
+        weights.save_converted(model, export, arch=config.model.name,
+                               source=f"warm-up run {workdir}", overwrite=True)
+        timing_path = os.path.join(workdir, "timing.json")
+        if not os.path.isfile(timing_path):
+            with open(timing_path, "w") as f:
+                json.dump({"wall_s": time.time() - start, "label": "warm-up"}, f)
+    with open(os.path.join(workdir, "results.json")) as f:
+        results = json.load(f)
+    timing = json.load(open(os.path.join(workdir, "timing.json")))
+    return export, {"test": results["test"], "wall_s": timing["wall_s"]}
 
 
 def main_runs(losses: list[str]) -> list[tuple[str, str, dict]]:
@@ -312,7 +360,7 @@ def _git_head() -> str:
 
 
 def write_report(path, args, config, main, ablation, refs, command, elapsed, num_train,
-                 splits_desc):
+                 splits_desc, warmup_rows=None):
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     group = next((runs for label, runs in main if label == "group_loss"), [])
     text = [
@@ -335,7 +383,12 @@ def write_report(path, args, config, main, ablation, refs, command, elapsed, num
         f"{config.sampler.samples_per_class} images (the official sampler);"
         f" {config.schedule.epochs} epochs x {config.schedule.steps_per_epoch} steps; RAdam lr "
         f"{config.optimizer.lr:g} (b2 = {config.optimizer.b2:g}), lr / 10 for the last epoch, "
-        "no weight decay; no classification warm-up.",
+        "no weight decay; " + (
+            "no classification warm-up." if not args.warmup_epochs else
+            f"every loss starts from the same classification warm-up of {args.warmup_epochs}"
+            f" epoch(s) x {args.steps_per_epoch} steps per seed (plain CE over the training "
+            f"classes, RAdam lr {args.warmup_lr:g}, eps {config.warmup.eps:g}, same betas; "
+            "its time is not in the loss rows' train s/run)."),
         "- Every loss at its registry defaults (gl_jax/losses/registry.py), no tuning per "
         f"loss; the Group Loss at T = {config.loss.temperature:g}, "
         f"{config.loss.anchors_per_class} anchors/class, {config.loss.num_iterations} "
@@ -349,8 +402,9 @@ def write_report(path, args, config, main, ablation, refs, command, elapsed, num
         "",
         "## Main table",
         "",
-        table(main, [("raw pixels (input, flattened)", refs["pixels"]),
-                     ("ImageNet backbone, untrained", refs["untrained"])] if refs else ()),
+        table((warmup_rows or []) + main,
+              [("raw pixels (input, flattened)", refs["pixels"]),
+               ("ImageNet backbone, untrained", refs["untrained"])] if refs else ()),
         "",
     ]
     if ablation:
@@ -384,12 +438,16 @@ def parse_args(argv=None):
     p.add_argument("--steps_per_epoch", type=int, default=35)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--b2", type=float, default=0.95, help="RAdam's second-moment decay")
+    p.add_argument("--warmup_epochs", type=int, default=0,
+                   help="epochs of classification warm-up before every loss (0: none)")
+    p.add_argument("--warmup_lr", type=float, default=1e-3)
     p.add_argument("--fashion_per_class", type=int, default=400)
     p.add_argument("--cache_dir", default=DEFAULT_CACHE)
     p.add_argument("--omniglot_dir", default=os.path.join(os.path.dirname(REPO), "shared",
                                                           "datasets", "omniglot"))
     p.add_argument("--results", default="", help="Markdown output; default "
-                   "experiments/omniglot/RESULTS.md (RESULTS_fashion_mnist.md)")
+                   "experiments/omniglot/RESULTS.md (RESULTS_fashion_mnist.md; "
+                   "_warmup.md with --warmup_epochs)")
     p.add_argument("--report_only", action="store_true",
                    help="train nothing; tabulate the finished runs")
     args = p.parse_args(argv)
@@ -398,6 +456,8 @@ def parse_args(argv=None):
     args.losses = [s.strip() for s in args.losses.split(",") if s.strip()]
     if not args.results:
         name = "RESULTS.md" if args.dataset == "omniglot" else "RESULTS_fashion_mnist.md"
+        if args.warmup_epochs > 0:
+            name = name.replace(".md", "_warmup.md")
         args.results = os.path.join(REPO, "experiments", "omniglot", name)
     return args
 
@@ -442,6 +502,10 @@ def main(argv=None):
                 c.seed = seed
                 c.data.seed = seed
                 set_loss(c, name, overrides)
+                if args.warmup_epochs > 0:
+                    if seed not in warmed:
+                        continue   # --report_only and the warm-up has not run
+                    c.model.init_from = warmed[seed]
                 if args.report_only:
                     workdir = os.path.join(args.cache_dir, "runs", args.dataset, run_id(c))
                     if not os.path.isfile(os.path.join(workdir, "results.json")):
@@ -460,6 +524,19 @@ def main(argv=None):
             f"references_{reference_id(ref_path_config)}.json")):
         os.makedirs(os.path.join(args.cache_dir, "runs", args.dataset), exist_ok=True)
         refs = reference_metrics(ref_path_config, args.cache_dir, args.dataset)
+    warmed, warmup_runs = {}, []
+    if args.warmup_epochs > 0:
+        for seed in sorted(set(args.seeds) | set(args.ablation_seeds)):
+            wc = warmup_config(args, root, num_train, seed)
+            if args.report_only and not os.path.isfile(os.path.join(
+                    args.cache_dir, "runs", args.dataset, run_id(wc), "warmed",
+                    "metadata.json")):
+                continue
+            warmed[seed], result = warmed_model(wc, args.cache_dir, args.dataset)
+            if seed in args.seeds:
+                warmup_runs.append(result)
+    warmup_rows = ([(f"classification warm-up only ({args.warmup_epochs} epochs)",
+                     warmup_runs)] if args.warmup_epochs > 0 else None)
     main_rows = run_all(main_runs(args.losses), args.seeds)
     group_defaults = registry.hparams_from_config(config.loss)[1]
     ablation = (run_all(ablation_runs(group_defaults), args.ablation_seeds)
@@ -467,7 +544,7 @@ def main(argv=None):
     command = "python experiments/omniglot/run.py " + " ".join(sys.argv[1:] if argv is None
                                                                else argv)
     write_report(args.results, args, config, main_rows, ablation, refs, command.strip(),
-                 time.time() - start, num_train, splits_desc)
+                 time.time() - start, num_train, splits_desc, warmup_rows)
 
 
 if __name__ == "__main__":
