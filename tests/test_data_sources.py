@@ -354,6 +354,9 @@ def test_normalisation_presets_golden():
                                 (30 / 255 - .406) / .225], rtol=1e-6)
     np.testing.assert_allclose(gdata.normalize(pixel, "unit")[0, 0], [10 / 255, 20 / 255,
                                                                        30 / 255])
+    np.testing.assert_allclose(gdata.normalize(pixel, "tf_lite")[0, 0],
+                               [(10 - 127) / 128, (20 - 127) / 128, (30 - 127) / 128],
+                               rtol=1e-6)
     with pytest.raises(ValueError, match="normalization='bgr'"):
         gdata.normalize(pixel, "bgr")
 

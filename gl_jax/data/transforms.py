@@ -11,7 +11,7 @@ import math
 import numpy as np
 from PIL import Image
 
-NORMALIZATIONS = ("caffe_bgr", "imagenet", "unit")
+NORMALIZATIONS = ("caffe_bgr", "imagenet", "tf_lite", "unit")
 # BN-Inception (Caffe): 0-255 BGR, mean [104, 117, 128] in BGR order, std 1.
 CAFFE_BGR_MEAN = np.asarray([104.0, 117.0, 128.0], np.float32)
 IMAGENET_MEAN = np.asarray([0.485, 0.456, 0.406], np.float32)
@@ -93,6 +93,8 @@ _PRESETS = {
     "caffe_bgr": ((2, 1, 0), np.ones(3, np.float32), -CAFFE_BGR_MEAN),
     "imagenet": ((0, 1, 2), (1.0 / (255.0 * IMAGENET_STD)).astype(np.float32),
                  (-IMAGENET_MEAN / IMAGENET_STD).astype(np.float32)),
+    "tf_lite": ((0, 1, 2), np.full(3, 1.0 / 128.0, np.float32),
+                np.full(3, -127.0 / 128.0, np.float32)),
     "unit": ((0, 1, 2), np.full(3, 1.0 / 255.0, np.float32), np.zeros(3, np.float32)),
 }
 
@@ -102,6 +104,7 @@ def normalize(images: np.ndarray, normalization: str) -> np.ndarray:
 
     caffe_bgr: x[..., ::-1] - [104, 117, 128] (0-255 range, BGR, BN-Inception);
     imagenet: (x / 255 - mean) / std with torchvision's RGB mean/std;
+    tf_lite: (x - 127) / 128 on 0-255 RGB (TensorFlow's EfficientNet-Lite);
     unit: x / 255.
     Written channel by channel: 3x faster than the broadcast expression on a batch.
     """
