@@ -53,6 +53,9 @@ def get_config(dataset: str = "digits") -> ml_collections.ConfigDict:
     config.optimizer.b1 = 0.9
     config.optimizer.b2 = 0.999
     config.optimizer.eps = 1e-8
+    # Scales the classifier's steps (the proxies of proxy_anchor / normalized_softmax) in
+    # the metric-loss stage; Proxy-Anchor's paper trains its proxies with 100 x the lr.
+    config.optimizer.classifier_lr_multiplier = 1.0
 
     config.schedule = ml_collections.ConfigDict()
     config.schedule.epochs = 70   # 0: the warm-up stage alone (a classification baseline)

@@ -93,18 +93,33 @@ def lr_schedule(base_lr: float, boundaries, factors) -> Callable[[jax.Array], ja
     return schedule
 
 
-def _radam_decoupled(learning_rate, weight_decay, b1, b2, eps):
+def _in_classifier(params):
+    """True for the leaves under the model's `classifier` (the proxies of proxy losses)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: getattr(path[0], "key", None) == "classifier", params)
+
+
+def _radam_decoupled(learning_rate, weight_decay, b1, b2, eps, classifier_lr_multiplier):
     # Decoupled weight decay: the decay is added after RAdam's rescaling, so the step is
     # p <- p - lr * (radam_direction + wd * p), as torch's RAdam(decoupled_weight_decay).
-    return optax.chain(optax.scale_by_radam(b1=b1, b2=b2, eps=eps),
-                       optax.add_decayed_weights(weight_decay),
-                       optax.scale_by_learning_rate(learning_rate))
+    parts = [optax.scale_by_radam(b1=b1, b2=b2, eps=eps),
+             optax.add_decayed_weights(weight_decay)]
+    if classifier_lr_multiplier != 1.0:
+        # A larger lr for the classifier alone, as Proxy-Anchor trains its proxies (x100);
+        # the decay term is scaled with it, as in a torch parameter group with its own lr.
+        parts.append(optax.masked(optax.scale(classifier_lr_multiplier), _in_classifier))
+    return optax.chain(*parts, optax.scale_by_learning_rate(learning_rate))
 
 
-def make_optimizer(learning_rate, *, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8):
-    """RAdam with decoupled weight decay; the lr (a float or schedule) is logged from the state."""
-    return optax.inject_hyperparams(_radam_decoupled)(
-        learning_rate=learning_rate, weight_decay=weight_decay, b1=b1, b2=b2, eps=eps)
+def make_optimizer(learning_rate, *, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8,
+                   classifier_lr_multiplier=1.0):
+    """RAdam with decoupled weight decay; the lr (a float or schedule) is logged from the state.
+
+    `classifier_lr_multiplier` scales the steps of the classifier's weights (the proxies
+    of the proxy-based losses) relative to the rest of the model."""
+    return optax.inject_hyperparams(_radam_decoupled, static_args=("classifier_lr_multiplier",))(
+        learning_rate=learning_rate, weight_decay=weight_decay, b1=b1, b2=b2, eps=eps,
+        classifier_lr_multiplier=float(classifier_lr_multiplier))
 
 
 def create_train_state(model: nnx.Module, tx: optax.GradientTransformation, step: int = 0):
@@ -356,7 +371,8 @@ def make_stages(config, train_source) -> list[Stage]:
     opt = config.optimizer
     tx = make_optimizer(lr_schedule(float(opt.lr), drops, config.schedule.lr_drop_factors),
                         weight_decay=float(opt.weight_decay), b1=float(opt.b1), b2=float(opt.b2),
-                        eps=float(opt.eps))
+                        eps=float(opt.eps),
+                        classifier_lr_multiplier=float(opt.classifier_lr_multiplier))
     loss_name, loss_hparams = loss_registry.hparams_from_config(config.loss)
     spec = LossSpec(name=loss_name, hparams=tuple(sorted(loss_hparams.items())),
                     seed=int(config.seed))

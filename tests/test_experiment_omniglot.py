@@ -93,3 +93,14 @@ def test_read_idx_reads_and_rejects(run, tmp_path):
         f.write(bytes([0, 0, 8, 1]) + (5).to_bytes(4, "big") + b"\x00\x00")
     with pytest.raises(ValueError, match="holds 2 values"):
         run._read_idx(str(short))
+
+
+def test_run_id_ignores_later_fields_at_their_default(run, tmp_path):
+    args = run.parse_args([])
+    c = run.base_config(args, str(tmp_path), 10)
+    run.set_loss(c, "proxy_anchor", {})
+    with_default = run.run_id(c)
+    del c.optimizer["classifier_lr_multiplier"]          # a config from before the field
+    assert run.run_id(c) == with_default
+    c.optimizer.classifier_lr_multiplier = 100.0
+    assert run.run_id(c) != with_default

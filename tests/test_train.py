@@ -346,3 +346,38 @@ def test_zero_group_epochs_runs_the_warmup_alone(tmp_path):
     assert not any("group/loss" in r for r in rows)
     results = json.load(open(tmp_path / "results.json"))
     assert 0.0 < results["test"]["recall@1"] <= 1.0
+
+
+def test_classifier_lr_multiplier_scales_only_the_classifier_steps():
+    params = {"backbone": {"w": jax.numpy.ones(3)}, "classifier": {"kernel": jax.numpy.ones(2)}}
+    grads = {"backbone": {"w": jax.numpy.asarray([0.1, -0.2, 0.3])},
+             "classifier": {"kernel": jax.numpy.asarray([0.5, -1.0])}}
+
+    def first_update(multiplier):
+        tx = train.make_optimizer(1e-2, weight_decay=0.1, classifier_lr_multiplier=multiplier)
+        updates, _ = tx.update(grads, tx.init(params), params)
+        return updates
+
+    plain, scaled = first_update(1.0), first_update(100.0)
+    np.testing.assert_allclose(scaled["backbone"]["w"], plain["backbone"]["w"], rtol=1e-6)
+    np.testing.assert_allclose(scaled["classifier"]["kernel"],
+                               100.0 * np.asarray(plain["classifier"]["kernel"]), rtol=1e-6)
+    assert np.all(np.asarray(plain["classifier"]["kernel"]) != 0)
+
+
+def test_classifier_lr_multiplier_reaches_the_metric_loss_stage(tmp_path):
+    config = quick_config(optimizer__classifier_lr_multiplier=100.0, warmup__epochs=0,
+                          schedule__epochs=1, schedule__steps_per_epoch=2)
+    config.loss.name = "proxy_anchor"
+    before = train.build_model(config, train.load_splits(config)["train"].num_classes)
+    state = train.train_and_evaluate(config, str(tmp_path / "x100"))
+    config.optimizer.classifier_lr_multiplier = 1.0
+    plain = train.train_and_evaluate(config, str(tmp_path / "x1"))
+
+    def moved(s, part):
+        from flax import nnx
+        start = nnx.state(before, nnx.Param)[part]
+        return float(sum(np.abs(np.asarray(a) - np.asarray(b)).sum() for a, b in zip(
+            jax.tree.leaves(s.params[part]), jax.tree.leaves(start))))
+    assert moved(state, "classifier") > 20 * moved(plain, "classifier")
+    assert moved(state, "backbone") < 5 * moved(plain, "backbone")

@@ -255,8 +255,17 @@ def set_loss(config, name: str, overrides: dict) -> None:
         config.loss[name] = ml_collections.ConfigDict(section)
 
 
+# Config fields added after runs were cached, with their defaults: at the default they
+# change nothing, so they are left out of the hash and those runs stay valid.
+_LATER_FIELDS = {("optimizer", "classifier_lr_multiplier"): 1.0}
+
+
 def run_id(config) -> str:
-    text = json.dumps(json.loads(config.to_json_best_effort()), sort_keys=True)
+    resolved = json.loads(config.to_json_best_effort())
+    for (section, field), default in _LATER_FIELDS.items():
+        if resolved.get(section, {}).get(field, default) == default:
+            resolved.get(section, {}).pop(field, None)
+    text = json.dumps(resolved, sort_keys=True)
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
