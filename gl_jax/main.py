@@ -16,6 +16,11 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
 config_flags.DEFINE_config_file("config", None, "Training configuration file.",
                                 lock_config=True)
+flags.DEFINE_string("coordinator_address", None,
+                    "Multi-host: host:port of process 0. Unset: detected (Cloud TPU, SLURM, "
+                    "Open MPI) or read from JAX_COORDINATOR_ADDRESS.")
+flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes (unset: detected).")
+flags.DEFINE_integer("process_id", None, "Multi-host: this process's index (unset: detected).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -25,8 +30,14 @@ def main(argv):
     config = FLAGS.config
     if config.mesh.distributed:
         # Multi-host (e.g. a Cloud TPU VM pod slice): every process runs this same command;
-        # coordinates come from the environment (TPU metadata, SLURM or JAX_COORDINATOR_*).
-        jax.distributed.initialize()
+        # coordinates come from the environment (TPU metadata, SLURM, Open MPI) unless the
+        # flags give them (any other cluster, or several processes on one machine).
+        # Collectives between CPU devices of different processes need gloo; accelerators
+        # use their own (ICI, NCCL), so this changes nothing on a GPU or TPU host.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                                   num_processes=FLAGS.num_processes,
+                                   process_id=FLAGS.process_id)
     logging.info("JAX process %d / %d, local devices %s", jax.process_index(),
                  jax.process_count(), jax.local_devices())
     train.train_and_evaluate(config, FLAGS.workdir)

@@ -1,4 +1,4 @@
-"""Exact k-nearest neighbours in blocks of queries, jitted, sharded over the JAX devices.
+"""Exact k-nearest neighbours in blocks of queries, jitted, sharded over local devices.
 
 Distances are Euclidean. With ``normalize=True`` (the default, as the Group Loss papers)
 rows are L2-normalised first, so ``d(q, g)^2 = 2 - 2 <q, g>``.
@@ -82,7 +82,9 @@ def _topk_block(query_block, row_offset, gallery, gallery_sq_norms, *, k, mode, 
 
 
 def _mesh() -> Mesh:
-    return Mesh(np.asarray(jax.devices()), ("blocks",))
+    # This process's devices only: in a multi-host run every process holds all the
+    # embeddings (gathered) and computes the metrics itself, so nothing crosses hosts.
+    return Mesh(np.asarray(jax.local_devices()), ("blocks",))
 
 
 def run_blocked(block_fn: Callable, query: np.ndarray, gallery_args: Sequence,
@@ -92,8 +94,8 @@ def run_blocked(block_fn: Callable, query: np.ndarray, gallery_args: Sequence,
 
     ``block_fn(query_block, *extras_block, row_offset, *gallery_args, **static_kwargs)`` must
     return a tuple of arrays with leading dimension b. Blocks are padded to a fixed size (one
-    compilation) and sharded over all JAX devices along the query axis; the gallery arguments
-    are replicated. Padded rows are dropped from the outputs.
+    compilation) and sharded over this process's devices along the query axis; the gallery
+    arguments are replicated. Padded rows are dropped from the outputs.
     """
     block_size = _checks.check_positive_int("block_size", block_size)
     mesh = _mesh()

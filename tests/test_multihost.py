@@ -1,0 +1,79 @@
+"""Two JAX processes (2 CPU devices each) joined by `jax.distributed`, as two hosts would be.
+
+`python -m gl_jax.main --config.mesh.distributed=True` on each "host", every process
+feeding its half of the global batch, must train exactly what one process with the
+same 4 devices trains, and write one set of results."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from configs import digits
+from gl_jax import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OVERRIDES = {"schedule.epochs": 1, "schedule.steps_per_epoch": 4, "warmup.steps_per_epoch": 3,
+             "logging.every_steps": 1, "checkpoint.every_steps": 100}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return [(r["step"], r.get("warmup/loss", r.get("group/loss"))) for r in rows
+            if "warmup/loss" in r or "group/loss" in r]
+
+
+def _launch(workdir, port, process_id):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    cmd = [sys.executable, "-m", "gl_jax.main", "--config=configs/digits.py:quick",
+           f"--workdir={workdir}", "--config.logging.progress=False",
+           "--config.mesh.distributed=True", f"--coordinator_address=127.0.0.1:{port}",
+           "--num_processes=2", f"--process_id={process_id}"]
+    cmd += [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
+    log = open(os.path.join(os.path.dirname(workdir), f"process{process_id}.log"), "w")
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log
+
+
+def test_two_processes_train_what_one_process_trains(tmp_path):
+    workdir = str(tmp_path / "two_hosts" / "run")
+    os.makedirs(workdir)
+    port = _free_port()
+    procs = [_launch(workdir, port, i) for i in (0, 1)]
+    deadline = time.time() + 600
+    for proc, log in procs:
+        proc.wait(timeout=max(1.0, deadline - time.time()))
+        log.close()
+    for i, (proc, _) in enumerate(procs):
+        text = open(tmp_path / "two_hosts" / f"process{i}.log").read()
+        assert proc.returncode == 0, f"process {i} failed:\n{text[-3000:]}"
+        assert "JAX process %d / 2" % i in text
+
+    config = digits.get_config("quick")
+    config.logging.progress = False
+    config.mesh.num_devices = 4
+    for dotted, value in OVERRIDES.items():
+        section, field = dotted.split(".")
+        config[section][field] = value
+    reference = str(tmp_path / "one_host")
+    train.train_and_evaluate(config, reference)
+
+    two, one = _losses(workdir), _losses(reference)
+    assert len(one) == 7 and [s for s, _ in two] == [s for s, _ in one]
+    np.testing.assert_allclose([v for _, v in two], [v for _, v in one], rtol=2e-5)
+    # Process 0 evaluates on the embeddings gathered from both processes.
+    got = json.load(open(os.path.join(workdir, "results.json")))["test"]
+    want = json.load(open(os.path.join(reference, "results.json")))["test"]
+    assert got["num_queries"] == want["num_queries"] > 0
+    for key in ("recall@1", "recall@2", "map@r"):
+        assert got[key] == pytest.approx(want[key], abs=2e-3), key
