@@ -33,6 +33,17 @@ def as_embeddings(name: str, x) -> np.ndarray:
     return x
 
 
+def as_query_gallery(query, gallery) -> tuple[np.ndarray, np.ndarray]:
+    """Both as `as_embeddings`, and of the same dimension."""
+    q = as_embeddings("query_embeddings", query)
+    g = as_embeddings("gallery_embeddings", gallery)
+    if q.shape[1] != g.shape[1]:
+        raise ValueError(
+            f"query_embeddings has dimension {q.shape[1]} but gallery_embeddings has "
+            f"{g.shape[1]} (shapes {q.shape} and {g.shape}).")
+    return q, g
+
+
 def as_labels(name: str, y, n: int, n_name: str) -> np.ndarray:
     """Returns `y` as a 1-D host array of length `n` (the rows of `n_name`)."""
     if y is None:

@@ -92,12 +92,7 @@ def reid_metrics(query_embeddings, query_ids, query_cameras, gallery_embeddings,
     if distances is not None and rerank is not None:
         raise ValueError("give either distances or rerank, not both.")
     if distances is None:
-        q = _checks.as_embeddings("query_embeddings", query_embeddings)
-        g = _checks.as_embeddings("gallery_embeddings", gallery_embeddings)
-        if q.shape[1] != g.shape[1]:
-            raise ValueError(
-                f"query_embeddings has dimension {q.shape[1]} but gallery_embeddings has "
-                f"{g.shape[1]} (shapes {q.shape} and {g.shape}).")
+        q, g = _checks.as_query_gallery(query_embeddings, gallery_embeddings)
         n_query, n_gallery = q.shape[0], g.shape[0]
     else:
         distances = np.asarray(distances)

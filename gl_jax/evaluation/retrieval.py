@@ -226,12 +226,7 @@ def retrieval_metrics_query_gallery(query_embeddings, query_labels, gallery_embe
     Returns:
         dict as ``retrieval_metrics`` without ``nmi``.
     """
-    q = _checks.as_embeddings("query_embeddings", query_embeddings)
-    g = _checks.as_embeddings("gallery_embeddings", gallery_embeddings)
-    if q.shape[1] != g.shape[1]:
-        raise ValueError(
-            f"query_embeddings has dimension {q.shape[1]} but gallery_embeddings has "
-            f"{g.shape[1]} (shapes {q.shape} and {g.shape}).")
+    q, g = _checks.as_query_gallery(query_embeddings, gallery_embeddings)
     qy = _checks.as_labels("query_labels", query_labels, q.shape[0], "query_embeddings")
     gy = _checks.as_labels("gallery_labels", gallery_labels, g.shape[0], "gallery_embeddings")
     ks = _checks.as_ks("ks", ks, g.shape[0], "the gallery size")
