@@ -23,6 +23,7 @@ def test_results_file_follows_dataset_and_warmup(run):
     assert run.parse_args(["--dataset=fashion_mnist"]).results.endswith(
         "RESULTS_fashion_mnist.md")
     assert run.parse_args(["--warmup_epochs=2"]).results.endswith("RESULTS_warmup.md")
+    assert run.parse_args(["--epochs=6"]).results.endswith("RESULTS_6_epochs.md")
 
 
 def test_warmup_config_trains_the_warmup_alone(run, tmp_path):

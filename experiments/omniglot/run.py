@@ -456,7 +456,7 @@ def parse_args(argv=None):
                                                           "datasets", "omniglot"))
     p.add_argument("--results", default="", help="Markdown output; default "
                    "experiments/omniglot/RESULTS.md (RESULTS_fashion_mnist.md; "
-                   "_warmup.md with --warmup_epochs)")
+                   "_warmup.md with --warmup_epochs, _N_epochs.md with --epochs=N != 3)")
     p.add_argument("--report_only", action="store_true",
                    help="train nothing; tabulate the finished runs")
     args = p.parse_args(argv)
@@ -467,6 +467,8 @@ def parse_args(argv=None):
         name = "RESULTS.md" if args.dataset == "omniglot" else "RESULTS_fashion_mnist.md"
         if args.warmup_epochs > 0:
             name = name.replace(".md", "_warmup.md")
+        if args.epochs != 3:   # another budget must not overwrite the default tables
+            name = name.replace(".md", f"_{args.epochs}_epochs.md")
         args.results = os.path.join(REPO, "experiments", "omniglot", name)
     return args
 
