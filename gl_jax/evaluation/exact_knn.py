@@ -147,15 +147,11 @@ def knn(query_embeddings, gallery_embeddings=None, *, k: int, normalize: bool = 
     Raises:
         ValueError: non-finite or mis-shaped embeddings, mismatched dimensions, bad k.
     """
-    query = _checks.as_embeddings("query_embeddings", query_embeddings)
     if gallery_embeddings is None:
+        query = _checks.as_embeddings("query_embeddings", query_embeddings)
         gallery, mode, limit, what = query, EXCLUDE_SELF, query.shape[0] - 1, "n - 1 (query = gallery)"
     else:
-        gallery = _checks.as_embeddings("gallery_embeddings", gallery_embeddings)
-        if gallery.shape[1] != query.shape[1]:
-            raise ValueError(
-                f"query_embeddings has dimension {query.shape[1]} but gallery_embeddings has "
-                f"{gallery.shape[1]} (shapes {query.shape} and {gallery.shape}).")
+        query, gallery = _checks.as_query_gallery(query_embeddings, gallery_embeddings)
         mode, limit, what = CROSS, gallery.shape[0], "the gallery size"
     (k,) = _checks.as_ks("k", (k,), limit, what)
     if normalize:

@@ -197,16 +197,12 @@ def k_reciprocal_rerank(query_embeddings, gallery_embeddings=None, *, k1: int = 
     Returns:
         the dense matrix, or (distances, indices) when ``top_k`` is given.
     """
-    q = _checks.as_embeddings("query_embeddings", query_embeddings)
     same_set = gallery_embeddings is None
     if same_set:
+        q = _checks.as_embeddings("query_embeddings", query_embeddings)
         x, n_query, gallery_start, n_gallery = q, q.shape[0], 0, q.shape[0]
     else:
-        g = _checks.as_embeddings("gallery_embeddings", gallery_embeddings)
-        if g.shape[1] != q.shape[1]:
-            raise ValueError(
-                f"query_embeddings has dimension {q.shape[1]} but gallery_embeddings has "
-                f"{g.shape[1]} (shapes {q.shape} and {g.shape}).")
+        q, g = _checks.as_query_gallery(query_embeddings, gallery_embeddings)
         x = np.concatenate([q, g])
         n_query, gallery_start, n_gallery = q.shape[0], q.shape[0], g.shape[0]
     n = x.shape[0]
