@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from gl_jax import models
+from gl_jax import runtime
 from gl_jax import train
 
 
@@ -60,9 +61,9 @@ def pipeline_batches(size, batch, steps):
 def bench_model(name, args):
     num_classes = 100
     config = make_config(name, args.size, args.dtype)
-    model = train.build_model(config, num_classes)
+    model = runtime.build_model(config, num_classes)
     tx = train.make_optimizer(1e-4, weight_decay=1e-5)
-    graphdef, state = train.create_train_state(model, tx)
+    graphdef, state = runtime.create_train_state(model, tx)
     rng = np.random.default_rng(0)
     batch = {"image": jnp.asarray(rng.normal(size=(54, args.size, args.size, 3)), jnp.float32),
              "label": jnp.asarray(np.repeat(np.arange(6), 9), jnp.int32)}

@@ -10,6 +10,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from gl_jax import cli
 from gl_jax import train
 
 FLAGS = flags.FLAGS
@@ -44,4 +45,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

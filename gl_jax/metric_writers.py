@@ -1,4 +1,6 @@
-"""Scalar metrics to a JSON-lines file and to TensorBoard event files, without TensorFlow.
+"""Scalar metrics to a JSON-lines file and to TensorBoard event files, without TensorFlow;
+and the one Markdown table writer (`markdown_table`) of the trainer, evaluator and
+experiments.
 
 TensorBoard reads "event files": a sequence of TFRecords, each holding one serialised
 `tensorflow.Event` protocol buffer. Scalars need only a handful of protobuf fields, so we
@@ -19,7 +21,7 @@ import os
 import socket
 import struct
 import time
-from typing import Mapping
+from typing import Mapping, Sequence
 
 
 def _crc32c_table():
@@ -142,3 +144,13 @@ class MetricWriter:
     def close(self) -> None:
         self._jsonl.close()
         self._tb.close()
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence], float_format: str = ".4f"
+                   ) -> str:
+    """A Markdown table; float cells formatted with `float_format`, others with str()."""
+    def cell(v):
+        return format(v, float_format) if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,13 +1,13 @@
-"""Training: `create_train_state`, `train_step`, `eval_step`, `train_and_evaluate`.
+"""Training: the stages and the loop (`train_step`, `train_and_evaluate`).
 
-One run has two stages (reference section 2):
+One run has two stages (Group Loss paper, section 4 and the official code):
 
 1. `warmup`: classification fine-tuning of the backbone and a new classifier over the
    training classes with plain cross-entropy (its own RAdam, no weight decay);
 2. `group`: Group Loss training from there, total loss
    `mean(group_loss) + ce_weight * mean(cross_entropy)`, RAdam with decoupled weight
-   decay and the reference's learning-rate drops (optionally reloading the best
-   checkpoint so far at each drop).
+   decay and the recipe's learning-rate drops (optionally reloading the best checkpoint
+   so far at each drop).
 
 The global step counts through both stages. The step is a pure function of a
 `TrainState` pytree, jitted with explicit shardings over a `jax.sharding.Mesh` with one
@@ -15,6 +15,10 @@ The global step counts through both stages. The step is a pure function of a
 replicated (or sharded with `mesh.shard_params`), and the loss sees the whole global batch.
 Checkpoints (Orbax) hold the state, the data iterator's position and the run's
 bookkeeping, so that a restarted run continues exactly where the last one stopped.
+
+Shared machinery (mesh, model, TrainState, checkpoints, embedding, the evaluation
+protocol) lives in `gl_jax.runtime`, `gl_jax.checkpoints` and `gl_jax.protocol`; nothing
+but the command line and this module's test imports this module.
 """
 from __future__ import annotations
 
@@ -27,24 +31,23 @@ import signal
 from typing import Any, Callable
 
 from absl import logging
-import flax
 from flax import nnx
-import grain
 import jax
 import jax.numpy as jnp
-from jax.experimental import multihost_utils
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import tqdm
 
+from gl_jax import checkpoints as ckpt
 from gl_jax import data as gdata
-from gl_jax import evaluation
-from gl_jax.losses import registry as loss_registry
 from gl_jax import metric_writers
 from gl_jax import models
+from gl_jax import protocol
+from gl_jax import runtime
+from gl_jax.losses import registry as loss_registry
+from gl_jax.runtime import TrainState
 
 WARMUP, GROUP = "warmup", "group"
 
@@ -53,31 +56,7 @@ class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
 
 
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array          # global step (both stages), int32 scalar
-    params: Any              # nnx.Param leaves of the model
-    model_state: Any         # every other nnx variable (BatchNorm statistics)
-    opt_state: Any
-
-
-# ------------------------------------------------------------------------------ building
-def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nnx.Module:
-    """The configured backbone + heads, initialised from `config.seed` (and `init_from`)."""
-    m = config.model
-    model = models.create_model(
-        m.name, num_classes=num_classes, embedding_dim=int(m.embedding_dim) or None,
-        pooling=m.pooling, pool_mix=float(m.pool_mix),
-        leak=None if m.leak < 0 else float(m.leak),
-        bn_momentum=None if m.bn_momentum < 0 else float(m.bn_momentum),
-        bn_epsilon=None if m.bn_epsilon < 0 else float(m.bn_epsilon),
-        dtype=jnp.dtype(m.dtype), rngs=nnx.Rngs(int(config.seed)))
-    if m.init_from:
-        from gl_jax import weights  # only needed when starting from converted weights
-        weights.load_pretrained(model, m.init_from, arch=m.name)
-    return model
-
-
+# ------------------------------------------------------------------------------ optimizer
 def lr_schedule(base_lr: float, boundaries, factors) -> Callable[[jax.Array], jax.Array]:
     """Piecewise-constant lr: `base_lr * factors[i]` from step `boundaries[i]` on.
 
@@ -122,14 +101,6 @@ def make_optimizer(learning_rate, *, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-
         classifier_lr_multiplier=float(classifier_lr_multiplier))
 
 
-def create_train_state(model: nnx.Module, tx: optax.GradientTransformation, step: int = 0):
-    """Splits `model` into a static graph definition and a `TrainState` pytree."""
-    graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
-    state = TrainState(step=jnp.asarray(step, jnp.int32), params=params,
-                       model_state=model_state, opt_state=tx.init(params))
-    return graphdef, state
-
-
 # ------------------------------------------------------------------------------- steps
 @dataclasses.dataclass(frozen=True)
 class LossSpec:
@@ -149,7 +120,7 @@ def compute_loss(spec: LossSpec, embedding, logits, labels, step, proxies=None):
     logits = logits.astype(jnp.float32)
     accuracy = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
     if spec.name is None:
-        ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+        ce = loss_registry.cross_entropy(logits, labels)
         return ce, {"ce": ce, "accuracy": accuracy, "loss": ce}
     key = jax.random.fold_in(jax.random.key(spec.seed), step)
     total, parts = loss_registry.metric_loss(
@@ -184,49 +155,6 @@ def train_step(graphdef, tx, spec: LossSpec, state: TrainState, batch):
     new_state = TrainState(step=state.step + 1, params=params, model_state=model_state,
                            opt_state=opt_state)
     return new_state, metrics
-
-
-def eval_step(graphdef, params, model_state, images):
-    """Embeddings of a batch in inference mode (BatchNorm running statistics)."""
-    model = nnx.merge(graphdef, params, model_state, copy=True)
-    model.eval()
-    embedding, _ = model(images)
-    return embedding
-
-
-# ------------------------------------------------------------------------------- mesh
-def make_mesh(mesh_config) -> Mesh:
-    devices = jax.devices()
-    n = len(devices) if mesh_config.num_devices in (-1, 0) else int(mesh_config.num_devices)
-    if n > len(devices):
-        raise ValueError(f"config.mesh.num_devices = {n} but only {len(devices)} devices exist.")
-    return Mesh(np.asarray(devices[:n]), ("data",), axis_types=(AxisType.Auto,))
-
-
-def state_shardings(state, mesh: Mesh, shard_params: bool):
-    """Replicated leaves, or with `shard_params` each leaf split over `data` along its
-    largest axis that the device count divides (GSPMD then gathers what a step needs)."""
-    replicated = NamedSharding(mesh, P())
-    size = mesh.shape["data"]
-
-    def rule(x):
-        shape = getattr(x, "shape", ())
-        if not shard_params or size == 1 or not shape:
-            return replicated
-        candidates = [i for i, d in enumerate(shape) if d % size == 0]
-        if not candidates:
-            return replicated
-        axis = max(candidates, key=lambda i: shape[i])
-        spec = [None] * len(shape)
-        spec[axis] = "data"
-        return NamedSharding(mesh, P(*spec))
-    return jax.tree.map(rule, state)
-
-
-def to_global(batch: dict, sharding: NamedSharding, keys=("image", "label")) -> dict:
-    """This host's slice of the global batch -> arrays sharded over the mesh."""
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]))
-            for k in keys}
 
 
 # ------------------------------------------------------------------------------ checks
@@ -264,73 +192,7 @@ def validate_config(config, splits, mesh: Mesh) -> None:
                          f"{models.available_models()}.")
 
 
-def load_splits(config) -> dict:
-    try:
-        return gdata.load_splits(config.data)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"config.data.root = {config.data.root!r} ({config.data.name}): "
-                                f"{e}") from e
-
-
-# ----------------------------------------------------------------------------- evaluation
-class Embedder:
-    """Computes the embeddings of a split with a jitted, sharded `eval_step`."""
-
-    def __init__(self, graphdef, mesh: Mesh, state_sharding, config):
-        self.config = config
-        self.data_sharding = NamedSharding(mesh, P("data"))
-        self._step = jax.jit(
-            functools.partial(eval_step, graphdef),
-            in_shardings=(state_sharding.params, state_sharding.model_state, self.data_sharding),
-            out_shardings=self.data_sharding)
-
-    def __call__(self, state: TrainState, source, desc: str = "embed") -> dict:
-        config = self.config
-        it = gdata.make_eval_iterator(source, config.data, config.evals.batch_size,
-                                      process_index=jax.process_index(),
-                                      process_count=jax.process_count())
-        total = gdata.eval_steps(source, config.evals.batch_size)
-        parts = {"embedding": [], "label": [], "camera": [], "mask": []}
-        show = config.logging.progress and jax.process_index() == 0
-        for batch in tqdm.tqdm(it, total=total, desc=desc, disable=not show, leave=False):
-            images = jax.make_array_from_process_local_data(self.data_sharding, batch["image"])
-            emb = self._step(state.params, state.model_state, images)
-            parts["embedding"].append(np.asarray(multihost_utils.process_allgather(emb, tiled=True)))
-            for key in ("label", "camera", "mask"):
-                parts[key].append(np.asarray(multihost_utils.process_allgather(
-                    np.asarray(batch[key]), tiled=True)))
-        out = {k: np.concatenate(v) for k, v in parts.items()}
-        keep = out.pop("mask")
-        return {k: v[keep] for k, v in out.items()}
-
-
-def evaluate_split(embed: Embedder, state, splits, name: str, config) -> dict:
-    """Metrics of one split; 'test' for query/gallery datasets means query vs gallery."""
-    ks = tuple(int(k) for k in config.evals.ks)
-    if name == "test" and "test" not in splits:
-        query = embed(state, splits["query"], "embed query")
-        gallery = embed(state, splits["gallery"], "embed gallery")
-        if query["camera"].min() >= 0 and config.data.name in ("market1501", "dukemtmc"):
-            return evaluation.reid_metrics(
-                query["embedding"], query["label"], query["camera"], gallery["embedding"],
-                gallery["label"], gallery["camera"], ranks=ks,
-                junk_ids=gdata.reid_junk_labels(splits["query"]))
-        return evaluation.retrieval_metrics_query_gallery(
-            query["embedding"], query["label"], gallery["embedding"], gallery["label"], ks=ks)
-    out = embed(state, splits[name], f"embed {name}")
-    ks = tuple(k for k in ks if k < len(out["label"]))
-    return evaluation.retrieval_metrics(out["embedding"], out["label"], ks=ks,
-                                        nmi=bool(config.evals.nmi), seed=int(config.seed))
-
-
-def selection_score(metrics: dict, config) -> float:
-    key = config.selection.metric
-    if key not in metrics and key.startswith("recall@"):
-        key = "rank@" + key.split("@")[1]   # re-id datasets report CMC rank@K
-    return float(metrics[key])
-
-
-# ----------------------------------------------------------------------------- the run
+# ----------------------------------------------------------------------------- the stages
 @dataclasses.dataclass
 class Stage:
     name: str
@@ -341,6 +203,8 @@ class Stage:
     spec: LossSpec
     sampler_config: Any
     data_config: Any
+    evaluates: bool = False    # evaluate (and select the best model) at epoch ends
+    reload_best_at: frozenset = frozenset()   # 0-based epochs that start from the best so far
 
     @property
     def last_step(self) -> int:
@@ -354,10 +218,10 @@ def make_stages(config, train_source) -> list[Stage]:
                                              "samples_per_class": config.warmup.samples_per_class,
                                              "mode": "balanced"})
         data_config = ml_collections.ConfigDict(config.data.to_dict())
-        data_config.augment = False   # the reference fine-tunes with the test-style transform
+        data_config.augment = False   # the recipe fine-tunes with the test-style transform
         spe = _steps_per_epoch(train_source, sampler, config.warmup.steps_per_epoch)
         stage = Stage(WARMUP, step, int(config.warmup.epochs), spe,
-                      # Its own lr and eps (the reference's); the betas of config.optimizer,
+                      # Its own lr and eps (the recipe's); the betas of config.optimizer,
                       # so that a run which shortens RAdam's rectification (smaller b2)
                       # does so for both stages.
                       make_optimizer(float(config.warmup.lr), eps=float(config.warmup.eps),
@@ -376,8 +240,10 @@ def make_stages(config, train_source) -> list[Stage]:
     loss_name, loss_hparams = loss_registry.hparams_from_config(config.loss)
     spec = LossSpec(name=loss_name, hparams=tuple(sorted(loss_hparams.items())),
                     seed=int(config.seed))
+    reload_at = (frozenset(int(e) - 1 for e in config.schedule.lr_drop_epochs)
+                 if config.schedule.reload_best_at_drop else frozenset())
     stages.append(Stage(GROUP, step, int(config.schedule.epochs), spe, tx, spec, config.sampler,
-                        config.data))
+                        config.data, evaluates=True, reload_best_at=reload_at))
     return stages
 
 
@@ -409,80 +275,68 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-class Checkpoints:
-    """Latest checkpoints (state + data iterator + bookkeeping) and the best one."""
+# ------------------------------------------------------------------------------ the run
+@dataclasses.dataclass
+class Run:
+    """What every stage of one run shares."""
+    config: Any
+    mesh: Mesh
+    graphdef: Any
+    splits: dict
+    checkpoints: ckpt.Checkpoints
+    writer: metric_writers.MetricWriter | None
+    embedder: runtime.Embedder
+    preemption: _Preemption
+    meta: dict                 # bookkeeping saved with each checkpoint
+    val_split: str             # where the best model is selected: 'val' or 'test'
 
-    def __init__(self, workdir: str, config):
-        options = ocp.CheckpointManagerOptions(max_to_keep=int(config.checkpoint.max_to_keep),
-                                               create=True)
-        self.latest = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), options=options)
-        self.best = ocp.CheckpointManager(os.path.join(workdir, "best"),
-                                          options=ocp.CheckpointManagerOptions(max_to_keep=1,
-                                                                               create=True))
+    @property
+    def data_sharding(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P("data"))
 
-    def save(self, state, iterator, meta: dict) -> None:
-        step = int(meta["step"])
-        if step in self.latest.all_steps():
+    def shardings(self, state):
+        return runtime.state_shardings(state, self.mesh, bool(self.config.mesh.shard_params))
+
+    def evaluate(self, state, split: str) -> dict:
+        """The protocol's metrics of `split` ('test' = query vs gallery where it applies)."""
+        return protocol.evaluate_split(self.embedder, state.params, state.model_state,
+                                       self.splits, split, self.config, self.mesh)
+
+    def selection_score(self, metrics: dict) -> float:
+        kind, _ = protocol.eval_kind(self.splits, str(self.config.data.name), self.val_split)
+        return float(metrics[protocol.selection_key(self.config.selection.metric, kind)])
+
+
+class _MetricsLog:
+    """Step metrics still on the device, read back in groups (a read-back is a host sync)."""
+
+    def __init__(self, run: Run, stage: Stage):
+        self.run, self.stage = run, stage
+        self.pending: list[tuple[int, dict]] = []
+        self.last_good = run.checkpoints.latest.latest_step()
+
+    def add(self, step: int, metrics: dict) -> None:
+        self.pending.append((step, metrics))
+
+    def flush(self) -> None:
+        """Reads pending metrics back, stops on a non-finite loss, logs the averages."""
+        if not self.pending:
             return
-        self.latest.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=grain.checkpoint.CheckpointSave(iterator),
-            meta=ocp.args.JsonSave(meta)))
-        self.latest.wait_until_finished()
-
-    def latest_meta(self) -> tuple[int | None, dict | None]:
-        """The newest readable checkpoint's step and bookkeeping; corrupt ones are skipped."""
-        for step in sorted(self.latest.all_steps(), reverse=True):
-            try:
-                meta = self.latest.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-                return step, dict(meta["meta"])
-            except Exception as e:  # a half-written or damaged checkpoint
-                logging.warning("checkpoint %d in %s is unreadable (%s); trying the previous one.",
-                                step, self.latest.directory, e)
-        return None, None
-
-    def restore_state(self, step: int, abstract_state):
-        return self.latest.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state)))["state"]
-
-    def restore_iterator(self, step: int, iterator) -> None:
-        """Puts `iterator` (freshly built with the same arguments) where step `step` left it."""
-        self.latest.restore(step, args=ocp.args.Composite(
-            data=grain.checkpoint.CheckpointRestore(iterator)))
-
-    def save_best(self, state, step: int, meta: dict) -> None:
-        for stale in [s for s in self.best.all_steps() if s >= step]:
-            self.best.delete(stale)
-        self.best.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                     meta=ocp.args.JsonSave(meta)))
-        self.best.wait_until_finished()
-
-    def restore_best(self, abstract_state):
-        step = self.best.latest_step()
-        if step is None:
-            return None
-        return self.best.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state)))["state"]
-
-    def discard_best_after(self, step: int) -> None:
-        """A best checkpoint newer than the resumed state belongs to the lost future."""
-        for s in [s for s in self.best.all_steps() if s > step]:
-            self.best.delete(s)
-
-    def close(self):
-        self.latest.close()
-        self.best.close()
-
-
-def _abstract(tree):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                        tree)
-
-
-def _format_table(metrics: dict) -> str:
-    rows = [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |"
-            for k, v in metrics.items()]
-    return "\n".join(["| metric | value |", "|---|---|", *rows])
+        rows = [(s, {k: float(v) for k, v in jax.device_get(m).items()})
+                for s, m in self.pending]
+        self.pending = []
+        for s, row in rows:
+            if not math.isfinite(row["loss"]):
+                where = (f"the last good checkpoint is step {self.last_good} in "
+                         f"{self.run.checkpoints.latest.directory}" if self.last_good is not None
+                         else "no checkpoint was saved yet")
+                raise NonFiniteLossError(
+                    f"non-finite loss {row['loss']} at step {s} ({self.stage.name} stage); "
+                    f"{where}. Rerunning the same command resumes from it.")
+        if self.run.writer:
+            mean = {f"{self.stage.name}/{k}": float(np.mean([r[k] for _, r in rows]))
+                    for k in rows[0][1]}
+            self.run.writer.write(rows[-1][0], mean)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
@@ -494,8 +348,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     """
     os.makedirs(workdir, exist_ok=True)
     is_main = jax.process_index() == 0
-    mesh = make_mesh(config.mesh)
-    splits = load_splits(config)
+    mesh = runtime.make_mesh(config.mesh)
+    splits = runtime.load_splits(config)
     validate_config(config, splits, mesh)
     train_source = splits["train"]
     stages = make_stages(config, train_source)
@@ -508,125 +362,102 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                  dict(mesh.shape), mesh.size, jax.process_count(), train_source.num_classes,
                  ", ".join(f"{s.name} {s.epochs} x {s.steps_per_epoch} steps" for s in stages))
 
-    # Bookkeeping that travels with each checkpoint.
     meta = {"step": 0, "best_score": -math.inf, "best_step": -1, "best_epoch": -1,
             "protocol": config.selection.protocol}
-    checkpoints = Checkpoints(workdir, config)
+    checkpoints = ckpt.Checkpoints(workdir, config)
     resume_step, resume_meta = checkpoints.latest_meta()
     start = 0 if resume_step is None else resume_step
     # The stage the run continues in (the last one if everything is done).
     current = next((s for s in stages if start < s.last_step), stages[-1])
 
-    model = build_model(config, train_source.num_classes)
-    graphdef, state = create_train_state(model, current.tx)
+    model = runtime.build_model(config, train_source.num_classes)
+    graphdef, state = runtime.create_train_state(model, current.tx)
     del model
-    shardings = state_shardings(state, mesh, bool(config.mesh.shard_params))
-    state = jax.device_put(state, shardings)
+    state = jax.device_put(state, runtime.state_shardings(state, mesh,
+                                                          bool(config.mesh.shard_params)))
     if resume_step is not None:
         meta.update(resume_meta)
-        state = checkpoints.restore_state(resume_step, _abstract(state))
+        state = checkpoints.restore_state(resume_step, runtime.abstract(state))
         logging.info("resumed from step %d (%s stage) in %s", resume_step, current.name, workdir)
     checkpoints.discard_best_after(start)
-    data_sharding = NamedSharding(mesh, P("data"))
-    embed = Embedder(graphdef, mesh, shardings, config)
-    writer = metric_writers.MetricWriter(workdir) if is_main else None
+    run = Run(config=config, mesh=mesh, graphdef=graphdef, splits=splits,
+              checkpoints=checkpoints,
+              writer=metric_writers.MetricWriter(workdir) if is_main else None,
+              embedder=runtime.Embedder(graphdef, mesh), preemption=_Preemption(), meta=meta,
+              val_split="val" if config.selection.protocol == "validation" else "test")
 
-    val_split = "val" if config.selection.protocol == "validation" else "test"
     stopped_early = False
-    with _Preemption() as preemption:
+    with run.preemption:
         for stage in stages:
             if stage.last_step <= start:
                 continue
             mid_stage = stage.first_step < start
-            state, stopped_early = _run_stage(
-                stage, resume_step if mid_stage else None, state, meta, graphdef, data_sharding,
-                embed, splits, checkpoints, writer, config, preemption, val_split, mesh)
+            state, stopped_early = _run_stage(run, stage, state,
+                                              resume_step if mid_stage else None)
             if stopped_early:
                 break
 
     if not stopped_early:
-        state = _final_evaluation(state, embed, splits, checkpoints, writer, config, workdir,
-                                  meta, final_step)
+        _final_evaluation(run, state, workdir, final_step)
     checkpoints.close()
-    if writer:
-        writer.close()
+    if run.writer:
+        run.writer.close()
     return state
 
 
-def _run_stage(stage: Stage, resume_step, state, meta, graphdef, data_sharding, embed, splits,
-               checkpoints, writer, config, preemption, val_split, mesh):
+def _run_stage(run: Run, stage: Stage, state, resume_step):
     """Trains one stage, from its start or from `resume_step` inside it.
 
     Returns (state, stopped_early)."""
+    config, checkpoints, meta = run.config, run.checkpoints, run.meta
     is_main = jax.process_index() == 0
     resuming = resume_step is not None
     # A new stage starts a fresh optimizer on the current parameters.
     if not resuming:
         state = TrainState(step=state.step, params=state.params, model_state=state.model_state,
                            opt_state=stage.tx.init(state.params))
-    stage_shardings = state_shardings(state, mesh, bool(config.mesh.shard_params))
+    stage_shardings = run.shardings(state)
     state = jax.device_put(state, stage_shardings)
     iterator = gdata.make_train_iterator(
-        splits["train"], stage.data_config, stage.sampler_config,
+        run.splits["train"], stage.data_config, stage.sampler_config,
         process_index=jax.process_index(), process_count=jax.process_count())
     if resuming:
         checkpoints.restore_iterator(resume_step, iterator)
-    step_fn = jax.jit(functools.partial(train_step, graphdef, stage.tx, stage.spec),
-                      in_shardings=(stage_shardings, data_sharding),
-                      out_shardings=(stage_shardings, NamedSharding(mesh, P())),
+    step_fn = jax.jit(functools.partial(train_step, run.graphdef, stage.tx, stage.spec),
+                      in_shardings=(stage_shardings, run.data_sharding),
+                      out_shardings=(stage_shardings, NamedSharding(run.mesh, P())),
                       donate_argnums=(0,))
 
     step = int(state.step)
-    pending: list[tuple[int, dict]] = []   # device metrics not yet read back
-    last_good = checkpoints.latest.latest_step()
-
-    def flush():
-        """Reads pending metrics back, stops on a non-finite loss, logs the averages."""
-        nonlocal pending
-        if not pending:
-            return
-        rows = [(s, {k: float(v) for k, v in jax.device_get(m).items()}) for s, m in pending]
-        pending = []
-        for s, row in rows:
-            if not math.isfinite(row["loss"]):
-                where = (f"the last good checkpoint is step {last_good} in "
-                         f"{checkpoints.latest.directory}" if last_good is not None
-                         else "no checkpoint was saved yet")
-                raise NonFiniteLossError(
-                    f"non-finite loss {row['loss']} at step {s} ({stage.name} stage); {where}. "
-                    f"Rerunning the same command resumes from it.")
-        if writer:
-            mean = {f"{stage.name}/{k}": float(np.mean([r[k] for _, r in rows])) for k in rows[0][1]}
-            writer.write(rows[-1][0], mean)
+    log = _MetricsLog(run, stage)
 
     def save():
-        nonlocal last_good
-        flush()
+        log.flush()
         meta["step"] = step
         checkpoints.save(state, iterator, meta)
-        last_good = step
+        log.last_good = step
 
     while step < stage.last_step:
         epoch = (step - stage.first_step) // stage.steps_per_epoch   # 0-based within the stage
         epoch_end = stage.first_step + (epoch + 1) * stage.steps_per_epoch
-        if stage.name == GROUP and step == epoch_end - stage.steps_per_epoch:
-            state = _maybe_reload_best(stage, epoch, state, checkpoints, config)
+        if step == epoch_end - stage.steps_per_epoch and epoch in stage.reload_best_at:
+            state = _reload_best(run, epoch, state)
         bar = tqdm.tqdm(total=stage.steps_per_epoch,
                         initial=step - (epoch_end - stage.steps_per_epoch),
                         desc=f"{stage.name} epoch {epoch + 1}/{stage.epochs}",
                         disable=not (config.logging.progress and is_main), unit="step")
         while step < epoch_end:
             batch = next(iterator)
-            state, metrics = step_fn(state, to_global(batch, data_sharding))
+            state, metrics = step_fn(state, runtime.to_global(batch, run.data_sharding))
             step += 1
-            pending.append((step, metrics))
+            log.add(step, metrics)
             bar.update(1)
             if step % int(config.logging.every_steps) == 0:
-                flush()
+                log.flush()
                 bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
             if step % int(config.checkpoint.every_steps) == 0 and step < epoch_end:
                 save()
-            if preemption.requested:
+            if run.preemption.requested:
                 save()
                 bar.close()
                 logging.warning("stopped at step %d after SIGTERM; the same command resumes.",
@@ -634,14 +465,14 @@ def _run_stage(stage: Stage, resume_step, state, meta, graphdef, data_sharding, 
                 _close(iterator)
                 return state, True
         bar.close()
-        flush()
-        if stage.name == GROUP and (epoch + 1) % int(config.evals.every_epochs) == 0:
-            metrics = evaluate_split(embed, state, splits, val_split, config)
-            score = selection_score(metrics, config)
-            if writer:
-                writer.write(step, {f"{val_split}/{k}": v for k, v in metrics.items()})
-            logging.info("epoch %d: %s %s = %.4f", epoch + 1, val_split, config.selection.metric,
-                         score)
+        log.flush()
+        if stage.evaluates and (epoch + 1) % int(config.evals.every_epochs) == 0:
+            metrics = run.evaluate(state, run.val_split)
+            score = run.selection_score(metrics)
+            if run.writer:
+                run.writer.write(step, {f"{run.val_split}/{k}": v for k, v in metrics.items()})
+            logging.info("epoch %d: %s %s = %.4f", epoch + 1, run.val_split,
+                         config.selection.metric, score)
             if score > meta["best_score"]:
                 meta.update(best_score=score, best_step=step, best_epoch=epoch + 1)
                 checkpoints.save_best(state, step, dict(meta))
@@ -657,13 +488,9 @@ def _close(iterator) -> None:
         close()
 
 
-def _maybe_reload_best(stage, epoch, state, checkpoints, config):
+def _reload_best(run: Run, epoch: int, state):
     """At a learning-rate drop, continue from the best parameters so far (the original)."""
-    drops = {int(e) - 1 for e in config.schedule.lr_drop_epochs}
-    if epoch not in drops or not config.schedule.reload_best_at_drop:
-        return state
-    abstract = _abstract(state)
-    best = checkpoints.restore_best(abstract)
+    best = run.checkpoints.restore_best(runtime.abstract(state))
     if best is None:
         return state
     logging.info("epoch %d: lr drop; reloading the best checkpoint so far", epoch + 1)
@@ -671,22 +498,21 @@ def _maybe_reload_best(stage, epoch, state, checkpoints, config):
                       opt_state=state.opt_state)
 
 
-def _final_evaluation(state, embed, splits, checkpoints, writer, config, workdir, meta, step):
+def _final_evaluation(run: Run, state, workdir: str, step: int) -> None:
     """Test metrics of the selected (best) model, printed and saved in results.json."""
-    best = checkpoints.restore_best(_abstract(state))
-    selected = best if best is not None else state
-    metrics = evaluate_split(embed, selected, splits, "test", config)
-    protocol = config.selection.protocol
+    best = run.checkpoints.restore_best(runtime.abstract(state))
+    metrics = run.evaluate(best if best is not None else state, "test")
+    meta, protocol_name = run.meta, run.config.selection.protocol
     note = ("model selected on the TEST split (paper protocol): these numbers are optimistic"
-            if protocol == "paper" else "model selected on the validation split")
-    results = {"protocol": protocol, "note": note, "selected_epoch": meta["best_epoch"],
+            if protocol_name == "paper" else "model selected on the validation split")
+    results = {"protocol": protocol_name, "note": note, "selected_epoch": meta["best_epoch"],
                "selected_step": meta["best_step"], "selection_score": meta["best_score"],
                "test": metrics}
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump(results, f, indent=2)
-        if writer:
-            writer.write(step, {f"final_test/{k}": v for k, v in metrics.items()})
-        table = _format_table(metrics)
+        if run.writer:
+            run.writer.write(step, {f"final_test/{k}": v for k, v in metrics.items()})
+        table = metric_writers.markdown_table(
+            ["metric", "value"], [[k, v] for k, v in metrics.items()])
         print(f"\nTest metrics ({note}; epoch {meta['best_epoch']}):\n{table}\n", flush=True)
-    return state

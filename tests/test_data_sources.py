@@ -370,7 +370,7 @@ def test_default_configs():
     assert (sampler.classes_per_batch, sampler.samples_per_class, sampler.mode) == (6, 9,
                                                                                       "official")
     assert isinstance(cub, ml_collections.ConfigDict)
-    assert set(layouts.DATASETS) >= {"digits", "sop", "inshop", "market1501", "tfds_cars196"}
+    assert set(gdata.DATASETS) >= {"digits", "sop", "inshop", "market1501", "tfds_cars196"}
 
 
 def test_data_package_imports_nothing_else_of_gl_jax():

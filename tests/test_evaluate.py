@@ -1,4 +1,4 @@
-"""Tests of `python -m gl_jax.evaluate`, the Group Loss++ strategies (gl_jax.inference) and
+"""Tests of `python -m gl_jax.evaluate`, the Group Loss++ strategies (gl_jax.strategies) and
 the pictures (gl_jax.visualize), on a digits:quick run trained once for the module."""
 import json
 import os
@@ -12,8 +12,10 @@ from PIL import Image
 
 from configs import digits
 from gl_jax import data as gdata
-from gl_jax import evaluate as ev
-from gl_jax import inference
+from gl_jax import ablation
+from gl_jax import protocol
+from gl_jax import runtime
+from gl_jax import strategies as glpp
 from gl_jax import train
 from gl_jax import visualize
 
@@ -35,10 +37,10 @@ def trained(tmp_path_factory):
 def report(trained, tmp_path_factory):
     """Every strategy that applies (one model: no ensemble), pictures included."""
     out = str(tmp_path_factory.mktemp("evaluate"))
-    config = ev.load_workdir_config(trained)
-    result = ev.evaluate(config, [trained], output_dir=out, num_queries=NUM_QUERIES,
-                         top_k=TOP_K, thumb=THUMB, tsne_points=150, tsne_size=TSNE_SIZE,
-                         tsne_iterations=250)
+    config = ablation.load_workdir_config(trained)
+    result = ablation.run(config, [trained], ablation.settings(
+        output_dir=out, num_queries=NUM_QUERIES, top_k=TOP_K, thumb=THUMB, tsne_points=150,
+        tsne_size=TSNE_SIZE, tsne_iterations=250))
     return result, out
 
 
@@ -56,6 +58,7 @@ def numpy_neighbours(embedding, k):
 
 
 # ----------------------------------------------------------------------- the ablation
+@pytest.mark.slow
 def test_table_has_every_row(report):
     result, out = report
     names = [r["name"] for r in result["rows"]]
@@ -75,6 +78,7 @@ def test_table_has_every_row(report):
     assert "/best/" in saved["checkpoints"][0]
 
 
+@pytest.mark.slow
 def test_plain_row_matches_trainer_and_numpy(trained, report):
     result, out = report
     plain = result["rows"][0]["metrics"]
@@ -94,6 +98,7 @@ def test_plain_row_matches_trainer_and_numpy(trained, report):
         assert plain[f"recall@{k}"] == pytest.approx(np.mean(hits[:, :k].any(1)), abs=one_query)
 
 
+@pytest.mark.slow
 def test_rerank_and_flip_change_the_numbers(report):
     rows = rows_by_name(report[0])
     plain = rows["plain"]
@@ -106,11 +111,12 @@ def test_rerank_and_flip_change_the_numbers(report):
     assert abs(rows["partial normalisation"]["map@r"] - plain["map@r"]) < 0.02
 
 
+@pytest.mark.slow
 def test_exported_embeddings(trained, report):
     result, out = report
     data = np.load(os.path.join(out, "embeddings.npz"))
     assert list(data["parts"]) == ["test"] and list(data["workdirs"]) == [trained]
-    splits = train.load_splits(ev.load_workdir_config(trained))
+    splits = runtime.load_splits(ablation.load_workdir_config(trained))
     n = len(splits["test"])
     assert data["test_embedding"].shape == (n, 64)
     assert data["test_embedding_all"].shape == (n, 64)
@@ -123,6 +129,7 @@ def test_exported_embeddings(trained, report):
 
 
 # ---------------------------------------------------------------------------- pictures
+@pytest.mark.slow
 def test_retrieval_png(report):
     result, out = report
     image = Image.open(os.path.join(out, "retrieval.png"))
@@ -156,6 +163,7 @@ def test_retrieval_png(report):
             assert tuple(pixels[y + tile - 2, x + tile - 2]) == want, (i, j)
 
 
+@pytest.mark.slow
 def test_tsne_png(report):
     result, out = report
     image = Image.open(os.path.join(out, "tsne.png"))
@@ -168,10 +176,11 @@ def test_tsne_png(report):
 
 
 # ---------------------------------------------------------------------------- ensembles
+@pytest.mark.slow
 def test_ensemble_of_a_model_with_itself_equals_the_model(trained, tmp_path):
-    config = ev.load_workdir_config(trained)
-    result = ev.evaluate(config, [trained, trained], strategies="ensemble",
-                         output_dir=str(tmp_path), pictures=False, tsne=False, nmi=True)
+    config = ablation.load_workdir_config(trained)
+    result = ablation.run(config, [trained, trained], ablation.settings(
+        strategies="ensemble", output_dir=str(tmp_path), pictures=False, tsne=False, nmi=True))
     names = [r["name"] for r in result["rows"]]
     assert names == ["plain", "plain (model 2)", "ensemble (2 models)", "all: ensemble"]
     plain, ensemble = result["rows"][0]["metrics"], result["rows"][2]["metrics"]
@@ -221,14 +230,15 @@ def numpy_reid_rank1(q, q_ids, q_cams, g, g_ids, g_cams, junk):
     return float(np.mean(hits))
 
 
+@pytest.mark.slow
 def test_reid_dataset(trained, tmp_path):
     root = str(tmp_path / "market")
     make_fake_market(root)
-    config = ev.load_workdir_config(trained)
+    config = ablation.load_workdir_config(trained)
     config.data.name, config.data.root = "market1501", root
     out = str(tmp_path / "out")
-    result = ev.evaluate(config, [trained], strategies="beta,rerank", output_dir=out,
-                         num_queries=3, top_k=4, thumb=16, tsne=False)
+    result = ablation.run(config, [trained], ablation.settings(
+        strategies="beta,rerank", output_dir=out, num_queries=3, top_k=4, thumb=16, tsne=False))
     assert result["kind"] == "reid"
     names = [r["name"] for r in result["rows"]]
     assert names[0] == "plain" and names[-1] == "all: beta + rerank" and len(names) == 4
@@ -268,14 +278,15 @@ def make_fake_inshop(root):
         f.write(f"{len(lines)}\nimage_name item_id evaluation_status\n" + "\n".join(lines) + "\n")
 
 
+@pytest.mark.slow
 def test_query_gallery_dataset(trained, tmp_path):
     root = str(tmp_path / "inshop")
     make_fake_inshop(root)
-    config = ev.load_workdir_config(trained)
+    config = ablation.load_workdir_config(trained)
     config.data.name, config.data.root = "inshop", root
     out = str(tmp_path / "out")
-    result = ev.evaluate(config, [trained], strategies="rerank", output_dir=out,
-                         num_queries=2, top_k=3, thumb=16, tsne=False)
+    result = ablation.run(config, [trained], ablation.settings(
+        strategies="rerank", output_dir=out, num_queries=2, top_k=3, thumb=16, tsne=False))
     assert result["kind"] == "query_gallery"
     assert [r["name"] for r in result["rows"]] == [
         "plain", "re-ranking (k1 6, k2 2, lambda 0.4)", "all: rerank"]   # In-Shop defaults
@@ -300,51 +311,56 @@ def test_junk_labels_are_looked_up_by_person_id():
     def splits(names):
         return {"query": gdata.ArraySource("q", np.zeros((1, 2, 2, 3), np.uint8), [0],
                                            class_names=names)}
-    assert ev.junk_labels(splits(["-1", "0", "7"]), ["query"]) == (0, 1)
+    assert protocol.junk_labels(splits(["-1", "0", "7"]), "reid") == (0, 1)
     # without distractors the dense label 0 is a real person, not junk
-    assert ev.junk_labels(splits(["6", "7"]), ["query"]) == ()
+    assert protocol.junk_labels(splits(["6", "7"]), "reid") == ()
 
 
 # ------------------------------------------------------------------------------ bad input
+@pytest.mark.slow
 def test_workdir_without_checkpoint(tmp_path, trained):
-    config = ev.load_workdir_config(trained)
+    config = ablation.load_workdir_config(trained)
     with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
-        ev.evaluate(config, [str(tmp_path)])
+        ablation.run(config, [str(tmp_path)])
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        ev.evaluate(config, [str(tmp_path / "missing")])
+        ablation.run(config, [str(tmp_path / "missing")])
 
 
+@pytest.mark.slow
 def test_different_architectures_in_one_ensemble(trained, tmp_path):
     other = str(tmp_path / "other")
     shutil.copytree(os.path.join(trained, "best"), os.path.join(other, "best"))
-    config = ev.load_workdir_config(trained)
+    config = ablation.load_workdir_config(trained)
     config.model.name = "resnet18"
     with open(os.path.join(other, "config.json"), "w") as f:
         f.write(config.to_json())
     with pytest.raises(ValueError, match="different architectures.*resnet18"):
-        ev.evaluate(ev.load_workdir_config(trained), [trained, other])
+        ablation.run(ablation.load_workdir_config(trained), [trained, other])
 
 
+@pytest.mark.slow
 def test_checkpoint_that_does_not_fit_the_config(trained):
-    config = ev.load_workdir_config(trained)
+    config = ablation.load_workdir_config(trained)
     config.model.embedding_dim = 32   # the checkpoint has no embedding layer
-    mesh = train.make_mesh(config.mesh)
+    mesh = runtime.make_mesh(config.mesh)
     with pytest.raises(ValueError, match="does not fit the model"):
-        ev.restore_member(trained, config, 5, mesh)
+        ablation.restore_member(trained, config, 5, mesh)
 
 
+@pytest.mark.slow
 def test_strategies_that_do_not_apply(trained):
-    config = ev.load_workdir_config(trained)
+    config = ablation.load_workdir_config(trained)
     with pytest.raises(ValueError, match="ensemble: needs two or more"):
-        ev.evaluate(config, [trained], strategies="ensemble")
+        ablation.run(config, [trained], ablation.settings(strategies="ensemble"))
     with pytest.raises(ValueError, match="unknown strategy"):
-        ev.evaluate(config, [trained], strategies="rerank,sharpen")
+        ablation.run(config, [trained], ablation.settings(strategies="rerank,sharpen"))
     # At 2 px the small CNN ends in a 1 x 1 map: max = avg, the mix cannot do anything.
     config.data.image_size = config.data.resize_size = 2
     with pytest.raises(ValueError, match=r"pool_mix: .*\(1, 1, 1, 64\)"):
-        ev.evaluate(config, [trained], strategies="pool_mix")
+        ablation.run(config, [trained], ablation.settings(strategies="pool_mix"))
 
 
+@pytest.mark.slow
 def test_command_line(trained, tmp_path):
     """The absl entry point end to end (config from the workdir's config.json)."""
     import jax
@@ -352,8 +368,9 @@ def test_command_line(trained, tmp_path):
                JAX_COMPILATION_CACHE_DIR=str(jax.config.jax_compilation_cache_dir))
     out = tmp_path / "cli"
     proc = subprocess.run(
-        [sys.executable, "-m", "gl_jax.evaluate", f"--workdir={trained}", "--strategies=flip",
-         "--nopictures", "--notsne", f"--output_dir={out}"],
+        [sys.executable, "-m", "gl_jax.evaluate", f"--workdir={trained}",
+         "--evaluate.strategies=flip", "--evaluate.pictures=False", "--evaluate.tsne=False",
+         f"--evaluate.output_dir={out}"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| flip TTA |" in proc.stdout
@@ -362,60 +379,60 @@ def test_command_line(trained, tmp_path):
     assert sorted(os.listdir(out)) == ["ablation.json", "ablation.md", "embeddings.npz"]
 
 
-# ------------------------------------------------------------------- gl_jax.inference
+# ------------------------------------------------------------------ gl_jax.strategies
 def test_partial_normalize_golden_and_reference():
     # Hand-computed: |(3, 4)| = 5 -> (0.6, 0.8) + 0.1 * (3, 4) = (0.9, 1.2).
-    np.testing.assert_allclose(inference.partial_normalize([[3.0, 4.0]], 0.1), [[0.9, 1.2]],
+    np.testing.assert_allclose(glpp.partial_normalize([[3.0, 4.0]], 0.1), [[0.9, 1.2]],
                                rtol=1e-6)
-    np.testing.assert_array_equal(inference.partial_normalize([[0.0, 0.0]], 0.5), [[0.0, 0.0]])
+    np.testing.assert_array_equal(glpp.partial_normalize([[0.0, 0.0]], 0.5), [[0.0, 0.0]])
     x = np.random.default_rng(0).normal(size=(7, 5)).astype(np.float32) * 3
     reference = x / np.sqrt((x.astype(np.float64) ** 2).sum(1, keepdims=True)) + 0.004 * x
-    np.testing.assert_allclose(inference.partial_normalize(x, 0.004), reference, rtol=1e-6)
-    np.testing.assert_allclose(inference.partial_normalize(x, 0.0), inference.l2_normalize(x))
+    np.testing.assert_allclose(glpp.partial_normalize(x, 0.004), reference, rtol=1e-6)
+    np.testing.assert_allclose(glpp.partial_normalize(x, 0.0), glpp.l2_normalize(x))
     with pytest.raises(ValueError, match="beta"):
-        inference.partial_normalize(x, -1.0)
+        glpp.partial_normalize(x, -1.0)
     with pytest.raises(ValueError, match=r"\(n, d\).*\(5,\)"):
-        inference.partial_normalize(np.ones(5), 0.1)
+        glpp.partial_normalize(np.ones(5), 0.1)
 
 
 def test_flip_average_and_concatenate():
     a, b = np.array([[1.0, 2.0]]), np.array([[3.0, -2.0]])
-    np.testing.assert_array_equal(inference.flip_average(a, b), [[2.0, 0.0]])
+    np.testing.assert_array_equal(glpp.flip_average(a, b), [[2.0, 0.0]])
     with pytest.raises(ValueError, match="differ in shape"):
-        inference.flip_average(a, np.ones((2, 2)))
+        glpp.flip_average(a, np.ones((2, 2)))
     rng = np.random.default_rng(1)
-    m1, m2 = (inference.l2_normalize(rng.normal(size=(6, d))) for d in (4, 3))
-    joint = inference.concatenate([m1, m2])
+    m1, m2 = (glpp.l2_normalize(rng.normal(size=(6, d))) for d in (4, 3))
+    joint = glpp.concatenate([m1, m2])
 
     def sq(x):
         return ((x[:, None, :].astype(np.float64) - x[None, :, :]) ** 2).sum(-1)
     # The ensemble's squared distances are the sum of the members'.
     np.testing.assert_allclose(sq(joint), sq(m1) + sq(m2), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="different numbers of items"):
-        inference.concatenate([m1, m2[:5]])
+        glpp.concatenate([m1, m2[:5]])
 
 
 def test_settings_per_dataset_and_overrides():
-    cub = inference.settings_for("cub200")
+    cub = glpp.settings_for("cub200")
     assert (cub.pool_mix, cub.leak, cub.beta, cub.rerank) == (
         0.5, 0.75, 0.004, {"k1": 50, "k2": 20, "lambda_value": 0.94})
-    cars, sop, inshop = (inference.settings_for(n) for n in ("cars196", "sop", "inshop"))
+    cars, sop, inshop = (glpp.settings_for(n) for n in ("cars196", "sop", "inshop"))
     assert (cars.leak, cars.beta, sop.pool_mix, sop.leak, sop.beta) == (0.0, 0.004, 0.6, 1.0, 5e-4)
     assert (inshop.pool_mix, inshop.beta, inshop.rerank) == (
         0.57, 0.002, {"k1": 6, "k2": 2, "lambda_value": 0.4})
-    assert inference.settings_for("tfds_cub200") == cub
-    assert inference.settings_for("market1501").rerank == {"k1": 20, "k2": 6, "lambda_value": 0.3}
-    assert inference.settings_for("digits") == inference.FALLBACK
-    tuned = inference.settings_for("sop", beta=0.01, rerank_k1=10, leak=None)
+    assert glpp.settings_for("tfds_cub200") == cub
+    assert glpp.settings_for("market1501").rerank == {"k1": 20, "k2": 6, "lambda_value": 0.3}
+    assert glpp.settings_for("digits") == glpp.FALLBACK
+    tuned = glpp.settings_for("sop", beta=0.01, rerank_k1=10, leak=None)
     assert (tuned.beta, tuned.rerank_k1, tuned.leak) == (0.01, 10, 1.0)
     with pytest.raises(ValueError, match="pool_mix must be in"):
-        inference.settings_for("cub200", pool_mix=1.5)
+        glpp.settings_for("cub200", pool_mix=1.5)
     with pytest.raises(ValueError, match="rerank_lambda"):
-        inference.settings_for("cub200", rerank_lambda=-0.1)
-    assert inference.parse_strategies("auto") is None
-    assert inference.parse_strategies(" rerank, flip ,rerank") == ("rerank", "flip")
-    assert inference.parse_strategies("all") == inference.STRATEGIES
-    assert ev.clamp_rerank({"k1": 50, "k2": 20, "lambda_value": 0.9}, 12) == {
+        glpp.settings_for("cub200", rerank_lambda=-0.1)
+    assert glpp.parse_strategies("auto") is None
+    assert glpp.parse_strategies(" rerank, flip ,rerank") == ("rerank", "flip")
+    assert glpp.parse_strategies("all") == glpp.STRATEGIES
+    assert ablation.clamp_rerank({"k1": 50, "k2": 20, "lambda_value": 0.9}, 12) == {
         "k1": 11, "k2": 12, "lambda_value": 0.9}
 
 

@@ -45,6 +45,7 @@ def _launch(workdir, port, process_id):
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log
 
 
+@pytest.mark.slow
 def test_two_processes_train_what_one_process_trains(tmp_path):
     workdir = str(tmp_path / "two_hosts" / "run")
     os.makedirs(workdir)

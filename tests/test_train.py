@@ -14,7 +14,11 @@ import jax
 import orbax.checkpoint as ocp
 
 from configs import digits
+from flax import nnx
+
+from gl_jax import checkpoints
 from gl_jax import evaluation
+from gl_jax import runtime
 from gl_jax import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,10 +61,11 @@ def quick_run(tmp_path_factory):
     return workdir, state
 
 
+@pytest.mark.slow
 def test_quick_run_writes_everything(quick_run):
     workdir, state = quick_run
     config = quick_config()
-    stages = train.make_stages(config, train.load_splits(config)["train"])
+    stages = train.make_stages(config, runtime.load_splits(config)["train"])
     assert int(state.step) == stages[-1].last_step
     for name in ("config.json", "metrics.jsonl", "results.json"):
         assert os.path.exists(os.path.join(workdir, name)), name
@@ -78,15 +83,17 @@ def test_quick_run_writes_everything(quick_run):
 
 def untrained_metrics(config):
     """Held-out metrics of the configured network at its initialisation."""
-    splits = train.load_splits(config)
-    model = train.build_model(config, splits["train"].num_classes)
-    graphdef, state = train.create_train_state(model, train.make_optimizer(1e-3))
-    mesh = train.make_mesh(config.mesh)
-    embed = train.Embedder(graphdef, mesh, train.state_shardings(state, mesh, False), config)
-    out = embed(state, splits["test"])
-    return evaluation.retrieval_metrics(out["embedding"], out["label"], nmi=False)
+    splits = runtime.load_splits(config)
+    model = runtime.build_model(config, splits["train"].num_classes)
+    graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
+    mesh = runtime.make_mesh(config.mesh)
+    out = runtime.embed_source([(runtime.Embedder(graphdef, mesh), params, model_state)],
+                               splits["test"], config, mesh)
+    return evaluation.retrieval_metrics(out["embeddings"][0]["embedding"], out["label"],
+                                        nmi=False)
 
 
+@pytest.mark.slow
 def test_digits_quick_fits_its_training_classes(quick_run):
     """The objective is learned: lower group loss and higher accuracy on the training digits.
 
@@ -105,6 +112,7 @@ OMNIGLOT_ZIP = os.path.join(REPO, "..", "shared", "datasets", "omniglot",
 
 
 @pytest.mark.skipif(not os.path.exists(OMNIGLOT_ZIP), reason="the Omniglot copy is absent")
+@pytest.mark.slow
 def test_image_folder_quick_learns_held_out_omniglot_characters(tmp_path):
     """68 training characters -> 68 unseen ones: Recall@1 clearly above the untrained net."""
     import zipfile
@@ -162,6 +170,7 @@ def _wait_for_checkpoint(run, workdir, min_step, timeout=300):
     raise AssertionError("no checkpoint appeared in time")
 
 
+@pytest.mark.slow
 def test_sigkill_then_restart_matches_uninterrupted(quick_run, tmp_path):
     reference_dir, _ = quick_run
     workdir = str(tmp_path / "killed")
@@ -181,6 +190,7 @@ def test_sigkill_then_restart_matches_uninterrupted(quick_run, tmp_path):
         np.testing.assert_array_equal(params_a[key], params_b[key], err_msg=key)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
     workdir = str(tmp_path / "preempted")
     run = _Run(workdir)
@@ -196,6 +206,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     assert os.path.exists(os.path.join(workdir, "results.json"))
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_is_skipped(quick_run, tmp_path):
     reference_dir, _ = quick_run
     workdir = str(tmp_path / "corrupt")
@@ -208,14 +219,15 @@ def test_corrupt_latest_checkpoint_is_skipped(quick_run, tmp_path):
         for name in files:
             with open(os.path.join(root, name), "wb") as f:
                 f.write(b"\x00garbage")
-    checkpoints = train.Checkpoints(workdir, quick_config())
-    step, _ = checkpoints.latest_meta()
-    checkpoints.close()
+    manager = checkpoints.Checkpoints(workdir, quick_config())
+    step, _ = manager.latest_meta()
+    manager.close()
     assert step == steps[-2]
     train.train_and_evaluate(quick_config(), workdir)
     assert read_results(workdir)["test"] == read_results(reference_dir)["test"]
 
 
+@pytest.mark.slow
 def test_one_and_four_devices_give_the_same_losses(tmp_path):
     assert jax.device_count() >= 4, "tests/conftest.py asks for 4 CPU devices"
     overrides = dict(schedule__epochs=1, schedule__steps_per_epoch=4, warmup__steps_per_epoch=4,
@@ -232,6 +244,7 @@ def test_one_and_four_devices_give_the_same_losses(tmp_path):
     np.testing.assert_allclose([v for _, v in losses[4]], [v for _, v in losses[1]], rtol=2e-5)
 
 
+@pytest.mark.slow
 def test_sharded_parameters_match_replicated(tmp_path):
     overrides = dict(schedule__epochs=1, schedule__steps_per_epoch=3, warmup__epochs=0,
                      logging__every_steps=1, mesh__num_devices=4)
@@ -243,6 +256,7 @@ def test_sharded_parameters_match_replicated(tmp_path):
     np.testing.assert_allclose(result[True], result[False], rtol=2e-5)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_naming_step_and_checkpoint(tmp_path):
     config = quick_config(warmup__lr=1e38, logging__every_steps=1)
     with pytest.raises(train.NonFiniteLossError, match=r"non-finite loss .* at step \d+"):
@@ -266,6 +280,7 @@ def test_invalid_configs_fail_before_compiling(overrides, error, match, tmp_path
     assert not os.path.exists(tmp_path / "bad" / "checkpoints")
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_trains_with_finite_float32_losses(tmp_path):
     config = quick_config(model__dtype="bfloat16", warmup__epochs=0, schedule__epochs=1,
                           schedule__steps_per_epoch=4, logging__every_steps=1)
@@ -275,16 +290,16 @@ def test_bfloat16_compute_trains_with_finite_float32_losses(tmp_path):
     assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(state.params))
 
 
+@pytest.mark.slow
 def test_init_from_loads_backbone_and_keeps_new_head(tmp_path):
-    from flax import nnx
     from gl_jax import models, weights
     source = models.create_model("small_cnn", num_classes=7, rngs=nnx.Rngs(123))
     saved = weights.save_converted(source, str(tmp_path / "pretrained"), arch="small_cnn",
                                    source="a test model")
     config = quick_config()
-    fresh = train.build_model(config, 5)
+    fresh = runtime.build_model(config, 5)
     config.model.init_from = saved
-    loaded = train.build_model(config, 5)
+    loaded = runtime.build_model(config, 5)
     src_backbone = nnx.state(source.backbone)
     np.testing.assert_array_equal(nnx.state(loaded.backbone).conv1.kernel[...],
                                   src_backbone.conv1.kernel[...])
@@ -294,6 +309,7 @@ def test_init_from_loads_backbone_and_keeps_new_head(tmp_path):
     np.testing.assert_array_equal(loaded.classifier.kernel[...], fresh.classifier.kernel[...])
 
 
+@pytest.mark.slow
 def test_validation_protocol_selects_on_val_and_tests_once(tmp_path):
     config = quick_config(data__val_classes=1, selection__protocol="validation",
                           sampler__classes_per_batch=4, warmup__epochs=0)
@@ -327,7 +343,7 @@ def test_weight_decay_is_decoupled():
 
 def test_warmup_stage_takes_the_betas_of_the_optimizer_config():
     config = quick_config(optimizer__b2=0.95, optimizer__b1=0.8, warmup__lr=1e-3)
-    warmup, group = train.make_stages(config, train.load_splits(config)["train"])
+    warmup, group = train.make_stages(config, runtime.load_splits(config)["train"])
     params = {"w": jax.numpy.zeros(3)}
     hyper = warmup.tx.init(params).hyperparams
     assert float(hyper["b2"]) == pytest.approx(0.95) and float(hyper["b1"]) == pytest.approx(0.8)
@@ -337,6 +353,7 @@ def test_warmup_stage_takes_the_betas_of_the_optimizer_config():
     assert float(group.tx.init(params).hyperparams["b2"]) == pytest.approx(0.95)
 
 
+@pytest.mark.slow
 def test_zero_group_epochs_runs_the_warmup_alone(tmp_path):
     config = quick_config(schedule__epochs=0, warmup__epochs=1, warmup__steps_per_epoch=3)
     state = train.train_and_evaluate(config, str(tmp_path))
@@ -365,19 +382,41 @@ def test_classifier_lr_multiplier_scales_only_the_classifier_steps():
     assert np.all(np.asarray(plain["classifier"]["kernel"]) != 0)
 
 
+@pytest.mark.slow
 def test_classifier_lr_multiplier_reaches_the_metric_loss_stage(tmp_path):
     config = quick_config(optimizer__classifier_lr_multiplier=100.0, warmup__epochs=0,
                           schedule__epochs=1, schedule__steps_per_epoch=2)
     config.loss.name = "proxy_anchor"
-    before = train.build_model(config, train.load_splits(config)["train"].num_classes)
+    before = runtime.build_model(config, runtime.load_splits(config)["train"].num_classes)
     state = train.train_and_evaluate(config, str(tmp_path / "x100"))
     config.optimizer.classifier_lr_multiplier = 1.0
     plain = train.train_and_evaluate(config, str(tmp_path / "x1"))
 
     def moved(s, part):
-        from flax import nnx
         start = nnx.state(before, nnx.Param)[part]
         return float(sum(np.abs(np.asarray(a) - np.asarray(b)).sum() for a, b in zip(
             jax.tree.leaves(s.params[part]), jax.tree.leaves(start))))
     assert moved(state, "classifier") > 20 * moved(plain, "classifier")
     assert moved(state, "backbone") < 5 * moved(plain, "backbone")
+
+
+def test_fast_end_to_end_train_resume_and_evaluate(tmp_path):
+    """The fast tier's whole path: two steps per stage, checkpoints, results, a resumed
+    rerun that trains nothing, and the evaluator on the same workdir."""
+    from gl_jax import ablation
+    workdir = str(tmp_path / "fast")
+    config = quick_config(warmup__steps_per_epoch=2, schedule__steps_per_epoch=2,
+                          schedule__epochs=1, schedule__lr_drop_epochs=(),
+                          schedule__lr_drop_factors=(), checkpoint__every_steps=100)
+    train.train_and_evaluate(config, workdir)
+    results = read_results(workdir)
+    assert results["selected_step"] == 4 and 0.0 < results["test"]["recall@1"] <= 1.0
+    assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))
+                  if s.isdigit()) == [2, 4]
+    state = train.train_and_evaluate(config, workdir)   # finished: resumes at the end
+    assert int(state.step) == 4
+    report = ablation.run(ablation.load_workdir_config(workdir), [workdir], ablation.settings(
+        strategies="flip", pictures=False, tsne=False, output_dir=str(tmp_path / "eval")))
+    assert [r["name"] for r in report["rows"]] == ["plain", "flip TTA", "all: flip"]
+    assert report["rows"][0]["metrics"]["recall@1"] == pytest.approx(
+        results["test"]["recall@1"], abs=1e-6)

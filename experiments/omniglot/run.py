@@ -198,7 +198,7 @@ def warmed_model(config, cache_dir: str, dataset: str) -> tuple[str, dict]:
     """Trains (or reuses) a warm-up run; returns the exported weights' directory and the
     run's result (its test metrics: the "warm-up only" row)."""
     from flax import nnx
-    from gl_jax import train, weights
+    from gl_jax import runtime, train, weights
     workdir = os.path.join(cache_dir, "runs", dataset, run_id(config))
     export = os.path.join(workdir, "warmed")
     if not os.path.isfile(os.path.join(export, "metadata.json")):
@@ -206,7 +206,7 @@ def warmed_model(config, cache_dir: str, dataset: str) -> tuple[str, dict]:
         start = time.time()
         # A finished run is resumed at its last checkpoint: nothing is trained again.
         state = train.train_and_evaluate(config, workdir)
-        model = train.build_model(config, train.load_splits(config)["train"].num_classes)
+        model = runtime.build_model(config, runtime.load_splits(config)["train"].num_classes)
         nnx.update(model, state.params, state.model_state)
         weights.save_converted(model, export, arch=config.model.name,
                                source=f"warm-up run {workdir}", overwrite=True)
@@ -301,17 +301,15 @@ def reference_metrics(config, cache_dir: str, dataset: str) -> dict:
     path = os.path.join(cache_dir, "runs", dataset, f"references_{reference_id(config)}.json")
     if os.path.isfile(path):
         return json.load(open(path))
-    import jax
+    from flax import nnx
     from gl_jax import data as gdata
-    from gl_jax import evaluation, train
-    splits = train.load_splits(config)
-    mesh = train.make_mesh(config.mesh)
-    model = train.build_model(config, splits["train"].num_classes)
-    graphdef, state = train.create_train_state(model, train.make_optimizer(1e-3))
-    shardings = train.state_shardings(state, mesh, False)
-    state = jax.device_put(state, shardings)
-    embed = train.Embedder(graphdef, mesh, shardings, config)
-    out = {"untrained": train.evaluate_split(embed, state, splits, "test", config)}
+    from gl_jax import evaluation, protocol, runtime
+    splits = runtime.load_splits(config)
+    mesh = runtime.make_mesh(config.mesh)
+    model = runtime.build_model(config, splits["train"].num_classes)
+    graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
+    out = {"untrained": protocol.evaluate_split(runtime.Embedder(graphdef, mesh), params,
+                                                model_state, splits, "test", config, mesh)}
     # Raw pixels: the network's input (same size and normalisation), flattened.
     pixels, labels = [], []
     for batch in gdata.make_eval_iterator(splits["test"], config.data, config.evals.batch_size):

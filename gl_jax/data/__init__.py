@@ -3,8 +3,8 @@
 Imports nothing else of gl_jax (in particular not gl_jax.models).
 """
 from gl_jax.data.config import default_config, default_sampler_config
-from gl_jax.data.layouts import (DATASETS, digits_source, image_folder_source, load_splits,
-                                 reid_junk_labels)
+from gl_jax.data.layouts import digits_source, image_folder_source, reid_junk_labels
+from gl_jax.data.registry import DATASETS, Dataset, load_splits
 from gl_jax.data.pipeline import (eval_steps, make_eval_iterator, make_sampler,
                                   make_train_iterator, steps_per_epoch, validate_data_config)
 from gl_jax.data.sampler import PKSampler, host_slice
@@ -13,7 +13,7 @@ from gl_jax.data.sources import (ArraySource, CorruptImageError, EncodedSource, 
 from gl_jax.data.transforms import eval_transform, normalize, train_transform
 
 __all__ = [
-    "ArraySource", "CorruptImageError", "DATASETS", "EncodedSource", "FileSource", "PKSampler",
+    "ArraySource", "CorruptImageError", "DATASETS", "Dataset", "EncodedSource", "FileSource", "PKSampler",
     "Source", "SubsetSource", "decode_image", "default_config", "default_sampler_config",
     "digits_source", "eval_steps", "eval_transform", "host_slice", "image_folder_source",
     "load_splits", "make_eval_iterator", "reid_junk_labels", "make_sampler", "make_train_iterator", "normalize",

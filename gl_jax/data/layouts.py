@@ -1,13 +1,12 @@
 """Dataset layouts as published (and as the original Group Loss code reads them) -> splits.
 
-`load_splits(data_config)` returns a dict of sources: 'train', 'test', and 'val' when
+Each loader returns a dict of sources: 'train', 'test', and 'val' when
 `val_classes > 0`; In-Shop and the re-id datasets give 'query' and 'gallery' instead of
-'test'. Splits are class-disjoint (reference section 3). Within each split the labels
+'test'. Splits are class-disjoint (the paper's protocol: train and test classes never overlap). Within each split the labels
 are dense 0..m-1 in sorted class order; query and gallery share one mapping.
 """
 from __future__ import annotations
 
-import logging
 import os
 import re
 from typing import Sequence
@@ -16,10 +15,6 @@ import numpy as np
 
 from gl_jax.data.sources import IMAGE_EXTENSIONS, ArraySource, EncodedSource, FileSource, Source
 from gl_jax.data.sources import SubsetSource
-
-DATASETS = ("digits", "image_folder", "sop", "inshop", "cub200", "cars196", "market1501",
-            "dukemtmc", "tfds_cub200", "tfds_cars196")
-
 
 # --------------------------------------------------------------------------- helpers
 
@@ -357,47 +352,6 @@ class _TfdsReader:
     def __call__(self, index: int) -> bytes:
         part = int(np.searchsorted(self.offsets, index, side="right") - 1)
         return self.parts[part][index - int(self.offsets[part])]["image"]
-
-
-# --------------------------------------------------------------------------- entry point
-
-def load_splits(data_config) -> dict[str, Source]:
-    """`config.data` -> {'train', 'test' | ('query', 'gallery'), ['val']} sources.
-
-    Raises ValueError for an unknown name and FileNotFoundError for a missing root or
-    list file, before any training starts.
-    """
-    name = data_config.name
-    root = os.path.expanduser(str(data_config.get("root", "") or ""))
-    val = int(data_config.get("val_classes", 0))
-    if name not in DATASETS:
-        raise ValueError(f"data.name={name!r} is not one of {DATASETS}")
-    if name == "digits":
-        splits = load_digits_splits(val)
-    elif name == "tfds_cub200":
-        splits = load_tfds_splits("caltech_birds2011", root, 100, name, val)
-    elif name == "tfds_cars196":
-        splits = load_tfds_splits("cars196", root, 98, name, val)
-    else:
-        if not root:
-            raise ValueError(f"data.root must be set for data.name={name!r}")
-        _require_dir(root, name)
-        if name == "image_folder":
-            splits = load_image_folder_splits(root, val, int(data_config.get("train_classes", 0)))
-        elif name == "cub200":
-            splits = load_cub_splits(root, val)
-        elif name == "cars196":
-            splits = load_cars_splits(root, val)
-        elif name == "sop":
-            splits = load_sop_splits(root, val)
-        elif name == "inshop":
-            splits = load_inshop_splits(root, val)
-        else:
-            splits = load_reid_splits(root, name, val)
-    for split, source in splits.items():
-        logging.info("data %s: %d images, %d classes", source.name, len(source),
-                     source.num_classes)
-    return splits
 
 
 def reid_junk_labels(source) -> tuple[int, ...]:

@@ -164,6 +164,15 @@ _CALLS: Mapping[str, Callable[..., jax.Array]] = {
 }
 
 
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean softmax cross-entropy in float32; NaN when a label is outside `[0, m)`, so a
+    bad label cannot train silently."""
+    log_probs = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), axis=-1)
+    picked = jnp.take_along_axis(log_probs, jnp.asarray(labels)[:, None].astype(jnp.int32),
+                                 axis=1, mode="fill", fill_value=jnp.nan)
+    return -jnp.mean(picked)
+
+
 def metric_loss(name: str, *, embeddings: jax.Array, logits: jax.Array | None,
                 labels: jax.Array, proxies: jax.Array | None = None,
                 step_key: jax.Array | None = None,
@@ -199,9 +208,7 @@ def metric_loss(name: str, *, embeddings: jax.Array, logits: jax.Array | None,
     parts = {name: metric}
     total = metric
     if logits is not None:
-        log_probs = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), axis=-1)
-        ce = -jnp.mean(jnp.take_along_axis(log_probs, jnp.asarray(labels)[:, None].astype(jnp.int32),
-                                           axis=1, mode="fill", fill_value=jnp.nan))
+        ce = cross_entropy(logits, labels)
         parts["ce"] = ce
         if ce_weight != 0:
             total = total + ce_weight * ce

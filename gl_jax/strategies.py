@@ -1,6 +1,7 @@
 """Group Loss++ test-time strategies: settings per dataset and the embedding arithmetic.
 
-The strategies (reference section 4; the co-author's code), each a switch, default off:
+The strategies (Group Loss++, Elezi et al. 2022, section 3; the co-author's code), each a
+switch, default off:
 
 * ``pool_mix``: pooling ``lambda * maxpool + (1 - lambda) * avgpool`` of the last feature map
   (a model attribute, see ``gl_jax.models``);
@@ -14,15 +15,18 @@ The strategies (reference section 4; the co-author's code), each a switch, defau
 * ``ensemble``: several independently trained models, each member's final embedding
   (L2- or partially normalised) concatenated.
 
-This module is NumPy only: it holds the per-dataset defaults and the operations on
-embeddings. ``gl_jax.evaluate`` applies the model-side switches and computes the metrics.
+This module holds the settings (per-dataset defaults come from the dataset registry,
+``gl_jax.data.registry``) and the NumPy operations on embeddings; ``gl_jax.ablation``
+applies the model-side switches and computes the metrics.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
+
+from gl_jax import data as gdata
 
 STRATEGIES = ("pool_mix", "leak", "beta", "rerank", "flip", "ensemble")
 
@@ -52,36 +56,25 @@ class Settings:
                 "lambda_value": float(self.rerank_lambda)}
 
 
-_REFERENCE = "reference section 4 (co-author's code)"
-_RETRIEVAL_RERANK = dict(rerank_k1=50, rerank_k2=20, rerank_lambda=0.94)
-
-# Keyed by config.data.name. CUB, Cars, SOP and In-Shop come from the reference; the rest
-# are our choices (no published Group Loss++ values): CUB's values for small retrieval
-# sets, and Zhong et al.'s re-id re-ranking (k1 20, k2 6, lambda 0.3) for re-id.
-DEFAULTS: Mapping[str, Settings] = {
-    "cub200": Settings(0.5, 0.75, 0.004, **_RETRIEVAL_RERANK, source=_REFERENCE),
-    "cars196": Settings(0.5, 0.0, 0.004, **_RETRIEVAL_RERANK, source=_REFERENCE),
-    "sop": Settings(0.6, 1.0, 0.0005, **_RETRIEVAL_RERANK, source=_REFERENCE),
-    "inshop": Settings(0.57, 1.0, 0.002, rerank_k1=6, rerank_k2=2, rerank_lambda=0.4,
-                       source=_REFERENCE),
-    "market1501": Settings(0.5, 0.75, 0.004, rerank_k1=20, rerank_k2=6, rerank_lambda=0.3,
-                           source="not published: CUB values, Zhong et al.'s re-id re-ranking"),
-    "dukemtmc": Settings(0.5, 0.75, 0.004, rerank_k1=20, rerank_k2=6, rerank_lambda=0.3,
-                         source="not published: CUB values, Zhong et al.'s re-id re-ranking"),
-}
-DEFAULTS = {**DEFAULTS, "tfds_cub200": DEFAULTS["cub200"], "tfds_cars196": DEFAULTS["cars196"]}
-FALLBACK = Settings(0.5, 0.75, 0.004, **_RETRIEVAL_RERANK,
+# Datasets without published values (and the embedded ones) get CUB's.
+FALLBACK = Settings(0.5, 0.75, 0.004, rerank_k1=50, rerank_k2=20, rerank_lambda=0.94,
                     source="not published: CUB values (any other dataset)")
 
 
+def defaults_for(dataset: str) -> Settings:
+    """The dataset registry's Group Loss++ values for `dataset`, or `FALLBACK`."""
+    values = gdata.DATASETS[dataset].strategies if dataset in gdata.DATASETS else None
+    return FALLBACK if values is None else Settings(**values)
+
+
 def settings_for(dataset: str, **overrides) -> Settings:
-    """The defaults of ``dataset`` (``FALLBACK`` when it has none), with every override
+    """The defaults of ``dataset`` (``defaults_for``), with every override
     that is not None applied and checked.
 
     >>> settings_for("sop", beta=0.001).beta
     0.001
     """
-    base = DEFAULTS.get(dataset, FALLBACK)
+    base = defaults_for(dataset)
     fields = {f.name for f in dataclasses.fields(Settings)} - {"source"}
     unknown = set(overrides) - fields
     if unknown:

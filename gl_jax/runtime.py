@@ -1,0 +1,176 @@
+"""What a run needs on the devices, shared by the trainer, the evaluator and experiments.
+
+The mesh and shardings, the configured model, the `TrainState` pytree, the splits of
+`config.data`, and the one embedding loop (`embed_source`). Nothing here knows about
+stages, losses or the training loop (`gl_jax.train`), or about Group Loss++ tables
+(`gl_jax.ablation`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import flax
+from flax import nnx
+import jax
+import jax.numpy as jnp
+from jax.experimental import multihost_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+
+from gl_jax import data as gdata
+from gl_jax import models
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array          # global step (both stages), int32 scalar
+    params: Any              # nnx.Param leaves of the model
+    model_state: Any         # every other nnx variable (BatchNorm statistics)
+    opt_state: Any
+
+
+# ------------------------------------------------------------------------------ building
+def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nnx.Module:
+    """The configured backbone + heads, initialised from `config.seed` (and `init_from`)."""
+    m = config.model
+    model = models.create_model(
+        m.name, num_classes=num_classes, embedding_dim=int(m.embedding_dim) or None,
+        pooling=m.pooling, pool_mix=float(m.pool_mix),
+        leak=None if m.leak < 0 else float(m.leak),
+        bn_momentum=None if m.bn_momentum < 0 else float(m.bn_momentum),
+        bn_epsilon=None if m.bn_epsilon < 0 else float(m.bn_epsilon),
+        dtype=jnp.dtype(m.dtype), rngs=nnx.Rngs(int(config.seed)))
+    if m.init_from:
+        from gl_jax import weights  # only needed when starting from converted weights
+        weights.load_pretrained(model, m.init_from, arch=m.name)
+    return model
+
+
+def create_train_state(model: nnx.Module, tx: optax.GradientTransformation, step: int = 0):
+    """Splits `model` into a static graph definition and a `TrainState` pytree."""
+    graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
+    state = TrainState(step=jnp.asarray(step, jnp.int32), params=params,
+                       model_state=model_state, opt_state=tx.init(params))
+    return graphdef, state
+
+
+def load_splits(config) -> dict:
+    """The splits of `config.data`; a missing folder names `config.data.root`."""
+    try:
+        return gdata.load_splits(config.data)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"config.data.root = {config.data.root!r} ({config.data.name}): "
+                                f"{e}") from e
+
+
+# ------------------------------------------------------------------------------- mesh
+def make_mesh(mesh_config) -> Mesh:
+    """A one-axis ('data') mesh over `mesh_config.num_devices` devices (-1 or 0: all)."""
+    devices = jax.devices()
+    n = len(devices) if mesh_config.num_devices in (-1, 0) else int(mesh_config.num_devices)
+    if n > len(devices):
+        raise ValueError(f"config.mesh.num_devices = {n} but only {len(devices)} devices exist.")
+    return Mesh(np.asarray(devices[:n]), ("data",), axis_types=(AxisType.Auto,))
+
+
+def state_shardings(state, mesh: Mesh, shard_params: bool):
+    """Replicated leaves, or with `shard_params` each leaf split over `data` along its
+    largest axis that the device count divides (GSPMD then gathers what a step needs)."""
+    replicated = NamedSharding(mesh, P())
+    size = mesh.shape["data"]
+
+    def rule(x):
+        shape = getattr(x, "shape", ())
+        if not shard_params or size == 1 or not shape:
+            return replicated
+        candidates = [i for i, d in enumerate(shape) if d % size == 0]
+        if not candidates:
+            return replicated
+        axis = max(candidates, key=lambda i: shape[i])
+        spec = [None] * len(shape)
+        spec[axis] = "data"
+        return NamedSharding(mesh, P(*spec))
+    return jax.tree.map(rule, state)
+
+
+def to_global(batch: dict, sharding: NamedSharding, keys=("image", "label")) -> dict:
+    """This host's slice of the global batch -> arrays sharded over the mesh."""
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]))
+            for k in keys}
+
+
+def abstract(tree):
+    """Shape, dtype and sharding of every leaf: an Orbax restore target."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                        tree)
+
+
+# ----------------------------------------------------------------------------- embedding
+def _embed_batch(graphdef, flip: bool, params, model_state, images):
+    """Embeddings [B, d] in inference mode (BatchNorm running statistics); with `flip`
+    also those of the horizontally mirrored images (NHWC: the width axis is 2)."""
+    model = nnx.merge(graphdef, params, model_state, copy=True)
+    model.eval()
+    embedding, _ = model(images)
+    if not flip:
+        return embedding, embedding
+    mirrored, _ = model(jnp.flip(images, axis=2))
+    return embedding, mirrored
+
+
+@dataclasses.dataclass(frozen=True)
+class Embedder:
+    """A jitted embedding step for one model graph, batch-sharded over `mesh`.
+
+    Build it once per graph: calling it with new parameters reuses the compiled step.
+    Parameters keep the shardings they arrive with (replicated or `shard_params`)."""
+    graphdef: Any
+    mesh: Mesh
+    flip: bool = False
+
+    @functools.cached_property
+    def step(self):
+        data = NamedSharding(self.mesh, P("data"))
+        return jax.jit(functools.partial(_embed_batch, self.graphdef, self.flip),
+                       out_shardings=(data, data))
+
+
+def embed_source(jobs: Sequence[tuple[Embedder, Any, Any]], source, config, mesh: Mesh, *,
+                 desc: str = "embed") -> dict:
+    """One pass over `source` embedding every record with each (embedder, params,
+    model_state) of `jobs`; every process gets the embeddings of all records.
+
+    Returns {'label', 'camera', 'index': [n], 'embeddings': [{'embedding': [n, d],
+    'flipped': [n, d] (only for a flipping embedder)} per job]}; padding rows dropped."""
+    batch_size = int(config.evals.batch_size)
+    data_sharding = NamedSharding(mesh, P("data"))
+    iterator = gdata.make_eval_iterator(source, config.data, batch_size,
+                                        process_index=jax.process_index(),
+                                        process_count=jax.process_count())
+
+    def gather(x):
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    parts = [{"embedding": [], "flipped": []} for _ in jobs]
+    meta = {"label": [], "camera": [], "index": [], "mask": []}
+    show = bool(config.logging.progress) and jax.process_index() == 0
+    for batch in tqdm.tqdm(iterator, total=gdata.eval_steps(source, batch_size), desc=desc,
+                           disable=not show, leave=False):
+        images = jax.make_array_from_process_local_data(data_sharding, batch["image"])
+        for out, (embedder, params, model_state) in zip(parts, jobs):
+            embedding, mirrored = embedder.step(params, model_state, images)
+            out["embedding"].append(gather(embedding))
+            if embedder.flip:
+                out["flipped"].append(gather(mirrored))
+        for name in meta:
+            meta[name].append(gather(np.asarray(batch[name])))
+    keep = np.concatenate(meta.pop("mask"))
+    result: dict = {name: np.concatenate(v)[keep] for name, v in meta.items()}
+    result["embeddings"] = [{k: np.concatenate(v)[keep] for k, v in out.items() if v}
+                            for out in parts]
+    return result
