@@ -1,4 +1,4 @@
-"""Cars196 with the paper's recipe (reference section 2).
+"""Cars196 with the paper's recipe (Elezi et al., ECCV 2020, and the official code).
 
     python -m gl_jax.main --config=configs/cars196.py --config.data.root=/data/cars196 \
         --config.model.init_from=/ckpt/bninception --workdir=W

@@ -46,7 +46,7 @@ def get_config(dataset: str = "digits") -> ml_collections.ConfigDict:
         if name != "group_loss":
             config.loss[name] = ml_collections.ConfigDict(loss_registry.default_hparams(name))
 
-    # RAdam with decoupled weight decay (p <- p - lr * wd * p), reference section 2.
+    # RAdam with decoupled weight decay (p <- p - lr * wd * p), as the official code.
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.lr = 2e-4
     config.optimizer.weight_decay = 0.0
@@ -68,7 +68,7 @@ def get_config(dataset: str = "digits") -> ml_collections.ConfigDict:
     config.schedule.steps_per_epoch = 0  # 0 = the sampler's epoch; > 0 caps it (quick runs)
 
     # Stage 1: classification fine-tuning on the training classes (plain cross-entropy,
-    # eval-style transform, no weight decay), reference section 2. epochs = 0 skips it.
+    # eval-style transform, no weight decay), as the official code. epochs = 0 skips it.
     config.warmup = ml_collections.ConfigDict()
     config.warmup.epochs = 10
     config.warmup.lr = 3e-4

@@ -1,4 +1,4 @@
-"""CUB-200-2011 with the paper's recipe (reference section 2).
+"""CUB-200-2011 with the paper's recipe (Elezi et al., ECCV 2020, and the official code).
 
     python -m gl_jax.main --config=configs/cub200.py --config.data.root=/data/CUB_200_2011 \
         --config.model.init_from=/ckpt/bninception --workdir=W

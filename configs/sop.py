@@ -1,4 +1,4 @@
-"""Stanford Online Products with the paper's recipe (reference section 2).
+"""Stanford Online Products with the paper's recipe (Elezi et al., ECCV 2020, and the official code).
 
     python -m gl_jax.main --config=configs/sop.py --config.data.root=/data/Stanford_Online_Products \
         --config.model.init_from=/ckpt/bninception --workdir=W

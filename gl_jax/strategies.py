@@ -1,7 +1,7 @@
 """Group Loss++ test-time strategies: settings per dataset and the embedding arithmetic.
 
-The strategies (Group Loss++, Elezi et al. 2022, section 3; the co-author's code), each a
-switch, default off:
+The strategies (Group Loss++, Elezi et al., TPAMI, arXiv 2204.01509, and the co-author's
+code), each a switch, default off:
 
 * ``pool_mix``: pooling ``lambda * maxpool + (1 - lambda) * avgpool`` of the last feature map
   (a model attribute, see ``gl_jax.models``);

@@ -44,7 +44,7 @@ def test_official_golden_small_case():
 
 
 def test_official_class_too_small_is_never_sampled():
-    # SOP case of reference section 2: a 2-image class pads to 4 < K = 6.
+    # SOP case of the official recipe: a 2-image class pads to 4 < K = 6.
     labels = _labels([2, 10, 10, 10])
     sampler = PKSampler(labels, 2, 6, seed=0)
     for epoch in range(5):
@@ -59,7 +59,7 @@ def test_official_invariants_over_epochs(sizes, p, k):
     counts = np.bincount(labels)
     padded = np.minimum(2 * counts, counts.max() + 1)
     expected_chunks = padded // k
-    # epoch length from reference section 2, computed independently.
+    # epoch length of the official sampler, computed independently.
     assert sampler.num_batches() == expected_chunks.sum() // p
     for epoch in range(20):
         batches = sampler.batches(epoch)

@@ -3,7 +3,7 @@
 Both modes are pure functions of (labels, P, K, seed, epoch): every host computes the
 same global batch order, and a resumed run recomputes exactly the same batches.
 
-`official` (reference section 2, the original CombineSampler, exactly):
+`official` (the official code's CombineSampler, exactly):
   1. shuffle each class's indices;
   2. pad class c by repeating its own first images to length min(2 n_c, n_max + 1);
   3. cut each class into chunks of K, dropping the rest (a class with min(2 n_c,

