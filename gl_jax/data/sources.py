@@ -27,10 +27,66 @@ class CorruptImageError(ValueError):
         super().__init__(f"corrupt or unreadable image file {path!r}: {cause!r}")
 
 
+# Modes PIL converts to RGB without losing range: 8 bits per channel already (alpha is
+# dropped, as the reference's torchvision loader `convert('RGB')` does), palette, 1-bit,
+# CMYK and YCbCr (PIL's own formulas).
+_DIRECT_MODES = ("RGB", "RGBA", "RGBX", "RGBa", "L", "LA", "P", "PA", "1", "CMYK",
+                 "YCbCr", "HSV")
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+RGB_MODES = _DIRECT_MODES + _SIXTEEN_BIT_MODES + ("I", "F")
+
+
+def _integer_bit_depth(img: Image.Image, values: np.ndarray) -> int:
+    """Bits per sample of an 'I' (int32) image: what the file declares, else what fits.
+
+    A 16-bit PNG opens as 'I' in some Pillow versions; a TIFF says its depth in tag 258
+    (BitsPerSample). Without either, the smallest of 16 / 32 that holds the values.
+    """
+    if img.format == "PNG":
+        return 16
+    tags = getattr(img, "tag_v2", None)
+    if tags is not None and 258 in tags:
+        bits = tags[258]
+        return int(bits[0] if isinstance(bits, tuple) else bits)
+    return 16 if values.size == 0 or int(values.max()) < 1 << 16 else 32
+
+
+def to_rgb(img: Image.Image, path: str = "<image>") -> Image.Image:
+    """Any PIL mode -> 8-bit RGB, scaling high bit depths instead of clipping them.
+
+    PIL's `convert('RGB')` clips 16-bit grey ('I;16', 'I') at 255, which turns a 16-bit
+    PNG white. Here an n-bit sample v becomes v >> (n - 8) (16-bit: v >> 8), negative
+    values 0. 'F' (float) is read as [0, 1] when its largest finite value is <= 1, else
+    as [0, 255]; NaN becomes 0. Alpha is dropped (not composited), as the reference's
+    loader does. An unknown mode -> ValueError naming `path` and the mode.
+    """
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in _DIRECT_MODES:
+        if mode in ("P", "PA"):  # a palette may carry transparency: expand it first.
+            img = img.convert("RGBA")
+        return img.convert("RGB")
+    if mode in _SIXTEEN_BIT_MODES or mode == "I":
+        values = np.asarray(img).astype(np.int64)
+        bits = 16 if mode in _SIXTEEN_BIT_MODES else _integer_bit_depth(img, values)
+        grey = np.clip(values, 0, None) >> max(bits - 8, 0)
+        grey = np.clip(grey, 0, 255).astype(np.uint8)
+    elif mode == "F":
+        values = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=0.0,
+                               neginf=0.0)
+        scale = 255.0 if values.size and values.max() <= 1.0 else 1.0
+        grey = np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
+    else:
+        raise ValueError(f"{path}: image mode {mode!r} has no conversion to RGB "
+                         f"(supported: {', '.join(RGB_MODES)})")
+    return Image.fromarray(np.repeat(grey[..., None], 3, axis=-1))
+
+
 def decode_pil(data: bytes, path: str) -> Image.Image:
     """Decodes encoded image bytes to an RGB PIL image, fully loaded.
 
-    Grey, palette and RGBA images become RGB. `path` only names the file in the error:
+    Every PIL mode becomes 8-bit RGB (see `to_rgb`). `path` only names the file in the error:
     a truncated or non-image file raises `CorruptImageError` naming it, because PIL's
     lazy decoding would otherwise fail much later (in a worker) or, with
     LOAD_TRUNCATED_IMAGES, silently return a half-grey image.
@@ -38,8 +94,7 @@ def decode_pil(data: bytes, path: str) -> Image.Image:
     try:
         img = Image.open(io.BytesIO(data))
         img.load()  # forces the full decode; a truncated file raises here.
-        if img.mode != "RGB":
-            img = img.convert("RGB")
+        img = to_rgb(img, path)
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ...
         raise CorruptImageError(path, err) from err
     if img.width == 0 or img.height == 0:
