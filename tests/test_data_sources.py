@@ -164,6 +164,43 @@ def test_image_folder_errors(tmp_path):
         gdata.load_splits(_config("mnist"))
 
 
+def test_image_folder_refuses_a_symlink_loop_naming_it(tmp_path):
+    _write_folder(tmp_path)
+    loop = tmp_path / "Greek" / "character01" / "loop"
+    os.symlink("..", loop)  # Greek/character01/loop -> Greek: followed, the tree never ends
+    with pytest.raises(ValueError, match=r"1 path\(s\) under .* are neither image files") as err:
+        gdata.image_folder_source(str(tmp_path))
+    assert f"{loop}: symlink loop (resolves to its ancestor folder" in str(err.value)
+    os.remove(loop)
+    os.symlink("itself.jpg", tmp_path / "Greek" / "character01" / "itself.jpg")
+    with pytest.raises(ValueError, match=r"itself\.jpg: symlink loop \(the link resolves to"):
+        gdata.image_folder_source(str(tmp_path))
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+def test_image_folder_refuses_a_fifo_named_like_an_image(tmp_path):
+    _write_folder(tmp_path)
+    os.mkfifo(tmp_path / "Latin" / "character02" / "pipe.jpg")
+    os.mkfifo(tmp_path / "Latin" / "character02" / "pipe.log")  # not image-named: ignored
+    with pytest.raises(ValueError, match=r"character02/pipe\.jpg: not a regular file: a FIFO"):
+        gdata.image_folder_source(str(tmp_path))
+
+
+def test_image_folder_follows_links_to_files_and_outside_folders(tmp_path):
+    store = tmp_path / "store"
+    _image(str(store / "a.jpg"))
+    _image(str(store / "kept" / "b.png"))
+    root = tmp_path / "root"
+    os.makedirs(root / "c0")
+    os.symlink(store / "a.jpg", root / "c0" / "link.jpg")
+    os.symlink(store / "kept", root / "c1")  # a class folder that is a link
+    os.symlink(store / "gone.jpg", root / "c0" / "dangling.jpg")  # left to the scan
+    source = gdata.image_folder_source(str(root))
+    assert source.class_names == ["c0", "c1"]
+    assert [os.path.basename(p) for p in source.paths] == ["dangling.jpg", "link.jpg", "b.png"]
+    assert source[1]["image"].shape == (12, 10, 3) and source[2]["label"] == 1
+
+
 def test_cars196_folder_split_98_98(tmp_path):
     for c in range(196):
         _image(str(tmp_path / "images" / f"{c + 1:03d}" / "0.png"), size=(4, 4))

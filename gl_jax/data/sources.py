@@ -7,9 +7,11 @@ sampler and the evaluation never need to decode an image.
 """
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import os
+import stat
 from typing import Callable, Sequence
 
 import numpy as np
@@ -17,6 +19,35 @@ from PIL import Image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff",
                     ".webp")
+
+
+_NON_REGULAR = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                (stat.S_ISDIR, "a folder"))
+
+
+def file_problem(path: str) -> str | None:
+    """Why `path` cannot be an image file, or None for an existing, non-empty regular file.
+
+    Follows symlinks (datasets are often trees of links). Never opens the file: reading a
+    FIFO would block forever, reading a device could be endless.
+    """
+    try:
+        info = os.stat(path)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "symlink loop (the link resolves to itself)"
+        if os.path.islink(path):
+            return f"dangling symlink to {os.readlink(path)!r}"
+        if err.errno == errno.ENOENT:
+            return "missing (no such file)"
+        return f"cannot stat: {err.strerror}"
+    for test, kind in _NON_REGULAR:
+        if test(info.st_mode):
+            return f"not a regular file: {kind}"
+    if info.st_size == 0:
+        return "empty file (0 bytes)"
+    return None
 
 
 class CorruptImageError(ValueError):
