@@ -255,15 +255,23 @@ class EncodedSource(Source):
 
 
 class SubsetSource(Source):
-    """Records `indices` of `parent`, with labels remapped to 0..m-1 in sorted label order."""
+    """Records `indices` of `parent`, with labels remapped to 0..m-1 in sorted label order.
 
-    def __init__(self, name: str, parent: Source, indices: Sequence[int]):
+    `relabel=False` keeps the parent's labels and class names instead: the subset of a
+    query or gallery split must keep the mapping the two share.
+    """
+
+    def __init__(self, name: str, parent: Source, indices: Sequence[int], relabel: bool = True):
         indices = np.asarray(indices, dtype=np.int64)
         parent_labels = parent.labels[indices]
-        kept = np.unique(parent_labels)
-        labels = np.searchsorted(kept, parent_labels)
         cameras = None if parent.cameras is None else parent.cameras[indices]
-        super().__init__(name, labels, cameras, [parent.class_names[k] for k in kept])
+        if relabel:
+            kept = np.unique(parent_labels)
+            labels = np.searchsorted(kept, parent_labels)
+            class_names = [parent.class_names[k] for k in kept]
+        else:
+            labels, class_names = parent_labels, parent.class_names
+        super().__init__(name, labels, cameras, class_names)
         self.parent = parent
         self.indices = indices
 
