@@ -271,3 +271,11 @@ def test_bad_arguments_are_errors_naming_them(tmp_path):
         scan_splits(splits, sampler_config=_sampler(), sampled_split="fit")
     with pytest.raises(ValueError, match=r"sampler.mode='random' is not one of"):
         scan_splits(splits, sampler_config=_sampler(mode="random"), progress=False)
+
+
+def test_skip_corrupt_with_nothing_readable_in_a_split_is_still_an_error(tmp_path):
+    for i in range(2):
+        (tmp_path / f"{i}.jpg").write_text("junk")
+    source = FileSource("t/test", [tmp_path / f"{i}.jpg" for i in range(2)], [0, 1], ["a", "b"])
+    with pytest.raises(DataCheckError, match=r"test: all 2 records are unreadable"):
+        scan_splits({"test": source}, skip_corrupt=True, progress=False)

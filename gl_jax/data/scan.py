@@ -248,6 +248,44 @@ def _bad_message(bad: list[BadRecord], checked: int, mode: str, limit: int) -> s
          "of every split (training never samples them, evaluation does not count them)."])
 
 
+def _check_classes(source: Source, split: str, sampler_config, drop: np.ndarray,
+                   undrawable: str, limit: int) -> tuple[list, list, list[str]]:
+    """(undrawable, padded, error messages) of the sampled split; logs the warnings."""
+    never, padded = class_issues(source, split, sampler_config, drop)
+    errors = []
+    if never:
+        n_max = int(np.bincount(np.delete(source.labels, drop)).max(initial=0))
+        message = _undrawable_message(never, source, sampler_config, n_max, limit)
+        if undrawable == "error":
+            errors.append(message)
+        else:
+            logging.warning("%s", message)
+    p = int(sampler_config.classes_per_batch)
+    if source.num_classes - len(never) < p:
+        errors.append(f"{split}: {source.num_classes - len(never)} classes can be drawn, "
+                      f"fewer than classes_per_batch={p}")
+    if padded:
+        how = ("padded with repeats of their own images (a chunk of K holds duplicates)"
+               if str(sampler_config.mode) == "official" else "drawn with replacement")
+        logging.warning("%s: %d classes have fewer than samples_per_class=%d images and are "
+                        "%s: %s", split, len(padded), int(sampler_config.samples_per_class),
+                        how, _class_list(padded, limit))
+    return never, padded, errors
+
+
+def _without(splits: Mapping[str, Source], bad: list[BadRecord]) -> dict[str, Source]:
+    """The splits without their unreadable records (labels and class names kept)."""
+    kept = dict(splits)
+    for split in sorted({b.split for b in bad}):
+        source = splits[split]
+        drop = [b.index for b in bad if b.split == split]
+        if len(drop) == len(source):
+            raise DataCheckError(f"{split}: all {len(source)} records are unreadable")
+        keep = np.setdiff1d(np.arange(len(source)), drop)
+        kept[split] = SubsetSource(source.name, source, keep, relabel=False)
+    return kept
+
+
 def scan_splits(splits: Mapping[str, Source], *, sampler_config=None, skip_corrupt: bool = False,
                 full_decode: bool = False, threads: int | None = None, progress: bool = True,
                 undrawable: str = "error", sampled_split: str = "train",
@@ -305,40 +343,14 @@ def scan_splits(splits: Mapping[str, Source], *, sampler_config=None, skip_corru
 
     never, padded = [], []
     if sampler_config is not None:
-        source = splits[sampled_split]
-        drop = np.asarray([b.index for b in bad if b.split == sampled_split], np.int64)
-        drop = drop if skip_corrupt else None
-        never, padded = class_issues(source, sampled_split, sampler_config, drop)
-        if never:
-            n_max = int(np.bincount(source.labels if drop is None
-                                    else np.delete(source.labels, drop)).max())
-            message = _undrawable_message(never, source, sampler_config, n_max, max_listed)
-            if undrawable == "error":
-                errors.append(message)
-            else:
-                logging.warning("%s", message)
-        p = int(sampler_config.classes_per_batch)
-        if source.num_classes - len(never) < p:
-            errors.append(f"{sampled_split}: {source.num_classes - len(never)} classes can be "
-                          f"drawn, fewer than classes_per_batch={p}")
-        if padded:
-            how = ("padded with repeats of their own images (a chunk of K holds duplicates)"
-                   if str(sampler_config.mode) == "official" else "drawn with replacement")
-            logging.warning("%s: %d classes have fewer than samples_per_class=%d images and are "
-                            "%s: %s", sampled_split, len(padded),
-                            int(sampler_config.samples_per_class), how,
-                            _class_list(padded, max_listed))
+        drop = [b.index for b in bad if b.split == sampled_split] if skip_corrupt else []
+        never, padded, message = _check_classes(splits[sampled_split], sampled_split,
+                                                sampler_config, np.asarray(drop, np.int64),
+                                                undrawable, max_listed)
+        errors += message
     if errors:
         raise DataCheckError("data check failed:\n" + "\n".join(errors))
-
-    kept = dict(splits)
-    for split in sorted({b.split for b in bad}):
-        source = splits[split]
-        drop = [b.index for b in bad if b.split == split]
-        if len(drop) == len(source):
-            raise DataCheckError(f"{split}: all {len(source)} records are unreadable")
-        keep = np.setdiff1d(np.arange(len(source)), drop)
-        kept[split] = SubsetSource(source.name, source, keep, relabel=False)
+    kept = _without(splits, bad)
     seconds = time.perf_counter() - start
     logging.info("data scan (%s): %d images checked in %.1f s, %d unreadable", mode, len(tasks),
                  seconds, len(bad))
