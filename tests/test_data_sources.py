@@ -109,8 +109,10 @@ def test_truncated_jpeg_is_an_error_naming_the_file(tmp_path):
     data = path.read_bytes()
     with pytest.raises(CorruptImageError, match="t.jpg"):
         decode_image(data[: len(data) // 2], str(path))
-    with pytest.raises(CorruptImageError, match="garbage.png"):
+    with pytest.raises(CorruptImageError, match="garbage.png") as err:
         decode_image(b"not an image", "garbage.png")
+    assert "--config.data.skip_corrupt=True" in str(err.value)
+    assert "scan_splits lists every such file" in str(err.value)
     with pytest.raises(FileNotFoundError):
         read_image_file(str(tmp_path / "missing.jpg"))
 

@@ -55,7 +55,11 @@ class CorruptImageError(ValueError):
 
     def __init__(self, path: str, cause: BaseException | None = None):
         self.path = path
-        super().__init__(f"corrupt or unreadable image file {path!r}: {cause!r}")
+        # found while training or evaluating: say how to go on and how to find the others.
+        super().__init__(f"corrupt or unreadable image file {path!r}: {cause!r} (with "
+                         "--config.data.skip_corrupt=True training uses another image of its "
+                         "class and evaluation leaves it out; gl_jax.data.scan_splits lists "
+                         "every such file before training)")
 
 
 # Modes PIL converts to RGB without losing range: 8 bits per channel already (alpha is
