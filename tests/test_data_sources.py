@@ -9,7 +9,7 @@ from PIL import Image
 
 from gl_jax import data as gdata
 from gl_jax.data import layouts
-from gl_jax.data.sources import CorruptImageError, decode_image, read_image_file
+from gl_jax.data.sources import CorruptImageError, decode_image, read_image_file, to_rgb
 from gl_jax.data.transforms import random_resized_crop_box
 
 _RNG = np.random.default_rng(0)
@@ -40,14 +40,79 @@ def test_decode_grey_palette_rgba_become_rgb(tmp_path):
     assert (grey[..., 0] == grey[..., 1]).all() and (grey[..., 1] == grey[..., 2]).all()
 
 
+def _mode_image(mode, values):
+    """A 1-row image of `mode` holding `values` (one per pixel)."""
+    if mode in ("I;16", "I", "F"):
+        dtype = {"I;16": np.uint16, "I": np.int32, "F": np.float32}[mode]
+        image = Image.fromarray(np.asarray([values], dtype=dtype))
+        assert image.mode == mode
+        return image
+    image = Image.new(mode, (len(values), 1))
+    image.putdata(values)
+    return image
+
+
+# mode, file format (None: converted in memory), pixel values, expected RGB per pixel.
+_MODE_CASES = [
+    ("L", "PNG", [0, 77, 255], [(0, 0, 0), (77, 77, 77), (255, 255, 255)]),
+    ("1", "PNG", [0, 255], [(0, 0, 0), (255, 255, 255)]),
+    ("LA", "PNG", [(77, 0), (200, 255)], [(77, 77, 77), (200, 200, 200)]),
+    ("RGBA", "PNG", [(10, 20, 30, 0), (40, 50, 60, 255)], [(10, 20, 30), (40, 50, 60)]),
+    ("CMYK", "TIFF", [(0, 0, 0, 0), (255, 0, 0, 0), (0, 0, 0, 255)],
+     [(255, 255, 255), (0, 255, 255), (0, 0, 0)]),
+    # 16-bit: v >> 8, not clipped at 255 (PIL's convert('RGB') makes all but 0 white).
+    ("I;16", "PNG", [0, 255, 256, 4000, 65535], [(0,) * 3, (0,) * 3, (1,) * 3, (15,) * 3,
+                                                  (255,) * 3]),
+    # 'I' of unknown origin holding 16-bit values: 16 bits; negative values are 0.
+    ("I", None, [-5, 256, 65535], [(0,) * 3, (1,) * 3, (255,) * 3]),
+    ("I", None, [1 << 24, (1 << 31) - 1], [(1,) * 3, (127,) * 3]),  # beyond 16 bits: 32
+    ("F", "TIFF", [0.0, 0.25, 1.0], [(0,) * 3, (64,) * 3, (255,) * 3]),  # [0, 1] scale
+    ("F", "TIFF", [0.0, 100.0, 300.0], [(0,) * 3, (100,) * 3, (255,) * 3]),  # [0, 255] scale
+]
+
+
+@pytest.mark.parametrize("mode,fmt,values,want", _MODE_CASES,
+                         ids=[f"{c[0]}-{c[1]}-{i}" for i, c in enumerate(_MODE_CASES)])
+def test_every_mode_becomes_uint8_rgb_with_its_values(tmp_path, mode, fmt, values, want):
+    image = _mode_image(mode, values)
+    if fmt is None:
+        rgb = np.asarray(to_rgb(image))
+    else:
+        path = tmp_path / f"x.{fmt.lower()}"
+        image.save(path, format=fmt)
+        with Image.open(path) as reread:
+            assert reread.mode == mode  # the file really holds this mode
+        rgb = read_image_file(str(path))
+    assert rgb.dtype == np.uint8 and rgb.shape == (1, len(values), 3)
+    assert [tuple(int(v) for v in px) for px in rgb[0]] == want
+
+
+def test_palette_with_transparency_and_16_bit_png_read_from_disk(tmp_path):
+    palette = Image.new("P", (2, 1))
+    palette.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    palette.putdata([0, 1])
+    palette.save(tmp_path / "p.png", transparency=0)
+    assert read_image_file(str(tmp_path / "p.png"))[0].tolist() == [[255, 0, 0], [0, 0, 255]]
+    # a 12-bit-in-16 PNG keeps its relative brightness: 4095 >> 8 = 15, not white.
+    _mode_image("I;16", [4095, 2048]).save(tmp_path / "g.png")
+    assert read_image_file(str(tmp_path / "g.png"))[0, :, 0].tolist() == [15, 8]
+
+
+def test_unknown_mode_is_an_error_naming_file_and_mode():
+    with pytest.raises(ValueError, match=r"scan\.tif: image mode 'LAB' has no conversion"):
+        to_rgb(Image.new("LAB", (1, 1)), "scan.tif")
+
+
 def test_truncated_jpeg_is_an_error_naming_the_file(tmp_path):
     path = tmp_path / "t.jpg"
     _image(str(path), size=(64, 64))
     data = path.read_bytes()
     with pytest.raises(CorruptImageError, match="t.jpg"):
         decode_image(data[: len(data) // 2], str(path))
-    with pytest.raises(CorruptImageError, match="garbage.png"):
+    with pytest.raises(CorruptImageError, match="garbage.png") as err:
         decode_image(b"not an image", "garbage.png")
+    assert "--config.data.skip_corrupt=True" in str(err.value)
+    assert "scan_splits lists every such file" in str(err.value)
     with pytest.raises(FileNotFoundError):
         read_image_file(str(tmp_path / "missing.jpg"))
 
@@ -99,6 +164,43 @@ def test_image_folder_errors(tmp_path):
         gdata.load_splits(_config("image_folder"))
     with pytest.raises(ValueError, match="is not one of"):
         gdata.load_splits(_config("mnist"))
+
+
+def test_image_folder_refuses_a_symlink_loop_naming_it(tmp_path):
+    _write_folder(tmp_path)
+    loop = tmp_path / "Greek" / "character01" / "loop"
+    os.symlink("..", loop)  # Greek/character01/loop -> Greek: followed, the tree never ends
+    with pytest.raises(ValueError, match=r"1 path\(s\) under .* are neither image files") as err:
+        gdata.image_folder_source(str(tmp_path))
+    assert f"{loop}: symlink loop (resolves to its ancestor folder" in str(err.value)
+    os.remove(loop)
+    os.symlink("itself.jpg", tmp_path / "Greek" / "character01" / "itself.jpg")
+    with pytest.raises(ValueError, match=r"itself\.jpg: symlink loop \(the link resolves to"):
+        gdata.image_folder_source(str(tmp_path))
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+def test_image_folder_refuses_a_fifo_named_like_an_image(tmp_path):
+    _write_folder(tmp_path)
+    os.mkfifo(tmp_path / "Latin" / "character02" / "pipe.jpg")
+    os.mkfifo(tmp_path / "Latin" / "character02" / "pipe.log")  # not image-named: ignored
+    with pytest.raises(ValueError, match=r"character02/pipe\.jpg: not a regular file: a FIFO"):
+        gdata.image_folder_source(str(tmp_path))
+
+
+def test_image_folder_follows_links_to_files_and_outside_folders(tmp_path):
+    store = tmp_path / "store"
+    _image(str(store / "a.jpg"))
+    _image(str(store / "kept" / "b.png"))
+    root = tmp_path / "root"
+    os.makedirs(root / "c0")
+    os.symlink(store / "a.jpg", root / "c0" / "link.jpg")
+    os.symlink(store / "kept", root / "c1")  # a class folder that is a link
+    os.symlink(store / "gone.jpg", root / "c0" / "dangling.jpg")  # left to the scan
+    source = gdata.image_folder_source(str(root))
+    assert source.class_names == ["c0", "c1"]
+    assert [os.path.basename(p) for p in source.paths] == ["dangling.jpg", "link.jpg", "b.png"]
+    assert source[1]["image"].shape == (12, 10, 3) and source[2]["label"] == 1
 
 
 def test_cars196_folder_split_98_98(tmp_path):

@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from gl_jax.data.sources import IMAGE_EXTENSIONS, ArraySource, EncodedSource, FileSource, Source
-from gl_jax.data.sources import SubsetSource
+from gl_jax.data.sources import SubsetSource, file_problem
 
 # --------------------------------------------------------------------------- helpers
 
@@ -109,24 +109,83 @@ def load_digits_splits(val_classes: int = 0) -> dict[str, Source]:
 
 # --------------------------------------------------------------------------- image folder
 
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # a link that resolves to itself raises ELOOP; file_problem names it
+        return False
+
+
+def _is_file(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_file()
+    except OSError:
+        return False
+
+
+def _walk_class_folders(root: str, name: str) -> tuple[dict[str, list[str]], list[str]]:
+    """-> ({class (relative folder, '/'-separated): sorted image paths}, empty class folders).
+
+    Symlinks are followed, to files and to folders anywhere, but a folder link that
+    resolves to one of its own ancestors (`class/loop -> ..`) would repeat the tree
+    forever: such links, links that resolve to themselves, and image-named entries that
+    are not regular files (FIFO, socket, device) -> one ValueError naming each. A
+    dangling image-named link is kept: `gl_jax.data.scan` reports it with the other
+    unreadable files.
+    """
+    classes: dict[str, list[str]] = {}
+    empty: list[str] = []
+    refused: list[str] = []
+
+    def visit(folder: str, rel: str, ancestors: tuple[str, ...]) -> None:
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        images, subfolders = [], []
+        for entry in entries:
+            if _is_dir(entry):  # follows a link; False for a dangling or looping one
+                real = os.path.realpath(entry.path)
+                if real in ancestors:
+                    refused.append(f"{entry.path}: symlink loop (resolves to its ancestor "
+                                   f"folder {real!r})")
+                else:
+                    subfolders.append((entry, real))
+            elif _is_file(entry):
+                if _is_image(entry.name):
+                    images.append(entry.path)
+            elif entry.is_symlink() or _is_image(entry.name):
+                problem = file_problem(entry.path)
+                if problem is not None and (problem.startswith("symlink loop") or
+                                            problem.startswith("not a regular file")):
+                    refused.append(f"{entry.path}: {problem}")
+                elif _is_image(entry.name):  # dangling: left to the scan
+                    images.append(entry.path)
+        if images and rel:
+            classes[rel] = images
+        elif not images and not subfolders and rel:
+            empty.append(folder)
+        for entry, real in subfolders:
+            visit(entry.path, f"{rel}/{entry.name}" if rel else entry.name, ancestors + (real,))
+
+    visit(root, "", (os.path.realpath(root),))
+    if refused:
+        lines = [f"  {line}" for line in refused[:10]] + (["  ..."] if len(refused) > 10 else [])
+        raise ValueError("\n".join(
+            [f"{name}: {len(refused)} path(s) under {root!r} are neither image files nor "
+             "folders (links to regular files and to folders outside their own ancestors are "
+             "fine); remove or fix them:"] + lines))
+    return classes, empty
+
+
 def image_folder_source(root: str, name: str = "image_folder") -> FileSource:
     """One folder per class; class = path of the folder relative to `root`, sorted.
 
     Nested folders are allowed (Omniglot's `Alphabet/characterNN/`): every folder that
     directly holds image files is a class. Files starting with `._` and non-images are
-    ignored. A class folder with no image (only `._` files or none) -> ValueError.
+    ignored. A class folder with no image (only `._` files or none) -> ValueError; so is
+    a symlink loop or an image-named FIFO / socket / device (see `_walk_class_folders`).
     """
     _require_dir(root, name)
-    classes: dict[str, list[str]] = {}
-    empty = []
-    for folder, subfolders, files in os.walk(root, followlinks=True):
-        subfolders.sort()
-        rel = os.path.relpath(folder, root)
-        images = sorted(f for f in files if _is_image(f))
-        if images and rel != ".":
-            classes[rel.replace(os.sep, "/")] = [os.path.join(folder, f) for f in images]
-        elif not images and not subfolders and rel != ".":
-            empty.append(folder)
+    classes, empty = _walk_class_folders(root, name)
     if empty:
         raise ValueError(f"{name}: class folder(s) without any image: {empty[:5]}"
                          f"{' ...' if len(empty) > 5 else ''}")

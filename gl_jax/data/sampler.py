@@ -48,6 +48,18 @@ def _epoch_rng(seed: int, epoch: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), int(epoch), 0x5A3D])
 
 
+def chunks_per_class(counts, samples_per_class: int, mode: str) -> np.ndarray:
+    """int64 [C]: the chunks of K images class c yields each epoch, from its size counts[c].
+
+    official: floor(min(2 n_c, n_max + 1) / K), so 0 (the class is never sampled) when
+    min(2 n_c, n_max + 1) < K. balanced: ceil(n_c / K) >= 1 for every non-empty class.
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    if mode == "official":
+        return np.minimum(2 * counts, counts.max() + 1) // int(samples_per_class)
+    return -(-counts // int(samples_per_class))
+
+
 class PKSampler:
     """Global P x K batches of source indices for each epoch.
 
@@ -86,12 +98,10 @@ class PKSampler:
         self.mode = mode
         self.seed = int(seed)
         k = self.samples_per_class
+        self.chunks_per_class = chunks_per_class(counts, k, mode)
         if mode == "official":
-            padded = np.minimum(2 * counts, counts.max() + 1)
-            self.chunks_per_class = padded // k
             self._num_batches = int(self.chunks_per_class.sum() // self.classes_per_batch)
         else:
-            self.chunks_per_class = -(-counts // k)
             self._num_batches = _max_distinct_batches(self.chunks_per_class,
                                                       self.classes_per_batch)
             small = counts < k

@@ -7,9 +7,11 @@ sampler and the evaluation never need to decode an image.
 """
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import os
+import stat
 from typing import Callable, Sequence
 
 import numpy as np
@@ -19,18 +21,107 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".ppm", ".pgm", ".t
                     ".webp")
 
 
+_NON_REGULAR = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                (stat.S_ISDIR, "a folder"))
+
+
+def file_problem(path: str) -> str | None:
+    """Why `path` cannot be an image file, or None for an existing, non-empty regular file.
+
+    Follows symlinks (datasets are often trees of links). Never opens the file: reading a
+    FIFO would block forever, reading a device could be endless.
+    """
+    try:
+        info = os.stat(path)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "symlink loop (the link resolves to itself)"
+        if os.path.islink(path):
+            return f"dangling symlink to {os.readlink(path)!r}"
+        if err.errno == errno.ENOENT:
+            return "missing (no such file)"
+        return f"cannot stat: {err.strerror}"
+    for test, kind in _NON_REGULAR:
+        if test(info.st_mode):
+            return f"not a regular file: {kind}"
+    if info.st_size == 0:
+        return "empty file (0 bytes)"
+    return None
+
+
 class CorruptImageError(ValueError):
     """An image file that exists but does not decode (truncated, not an image, ...)."""
 
     def __init__(self, path: str, cause: BaseException | None = None):
         self.path = path
-        super().__init__(f"corrupt or unreadable image file {path!r}: {cause!r}")
+        # found while training or evaluating: say how to go on and how to find the others.
+        super().__init__(f"corrupt or unreadable image file {path!r}: {cause!r} (with "
+                         "--config.data.skip_corrupt=True training uses another image of its "
+                         "class and evaluation leaves it out; gl_jax.data.scan_splits lists "
+                         "every such file before training)")
+
+
+# Modes PIL converts to RGB without losing range: 8 bits per channel already (alpha is
+# dropped, as the reference's torchvision loader `convert('RGB')` does), palette, 1-bit,
+# CMYK and YCbCr (PIL's own formulas).
+_DIRECT_MODES = ("RGB", "RGBA", "RGBX", "RGBa", "L", "LA", "P", "PA", "1", "CMYK",
+                 "YCbCr", "HSV")
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+RGB_MODES = _DIRECT_MODES + _SIXTEEN_BIT_MODES + ("I", "F")
+
+
+def _integer_bit_depth(img: Image.Image, values: np.ndarray) -> int:
+    """Bits per sample of an 'I' (int32) image: what the file declares, else what fits.
+
+    A 16-bit PNG opens as 'I' in some Pillow versions; a TIFF says its depth in tag 258
+    (BitsPerSample). Without either, the smallest of 16 / 32 that holds the values.
+    """
+    if img.format == "PNG":
+        return 16
+    tags = getattr(img, "tag_v2", None)
+    if tags is not None and 258 in tags:
+        bits = tags[258]
+        return int(bits[0] if isinstance(bits, tuple) else bits)
+    return 16 if values.size == 0 or int(values.max()) < 1 << 16 else 32
+
+
+def to_rgb(img: Image.Image, path: str = "<image>") -> Image.Image:
+    """Any PIL mode -> 8-bit RGB, scaling high bit depths instead of clipping them.
+
+    PIL's `convert('RGB')` clips 16-bit grey ('I;16', 'I') at 255, which turns a 16-bit
+    PNG white. Here an n-bit sample v becomes v >> (n - 8) (16-bit: v >> 8), negative
+    values 0. 'F' (float) is read as [0, 1] when its largest finite value is <= 1, else
+    as [0, 255]; NaN becomes 0. Alpha is dropped (not composited), as the reference's
+    loader does. An unknown mode -> ValueError naming `path` and the mode.
+    """
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in _DIRECT_MODES:
+        if mode in ("P", "PA"):  # a palette may carry transparency: expand it first.
+            img = img.convert("RGBA")
+        return img.convert("RGB")
+    if mode in _SIXTEEN_BIT_MODES or mode == "I":
+        values = np.asarray(img).astype(np.int64)
+        bits = 16 if mode in _SIXTEEN_BIT_MODES else _integer_bit_depth(img, values)
+        grey = np.clip(values, 0, None) >> max(bits - 8, 0)
+        grey = np.clip(grey, 0, 255).astype(np.uint8)
+    elif mode == "F":
+        values = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=0.0,
+                               neginf=0.0)
+        scale = 255.0 if values.size and values.max() <= 1.0 else 1.0
+        grey = np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
+    else:
+        raise ValueError(f"{path}: image mode {mode!r} has no conversion to RGB "
+                         f"(supported: {', '.join(RGB_MODES)})")
+    return Image.fromarray(np.repeat(grey[..., None], 3, axis=-1))
 
 
 def decode_pil(data: bytes, path: str) -> Image.Image:
     """Decodes encoded image bytes to an RGB PIL image, fully loaded.
 
-    Grey, palette and RGBA images become RGB. `path` only names the file in the error:
+    Every PIL mode becomes 8-bit RGB (see `to_rgb`). `path` only names the file in the error:
     a truncated or non-image file raises `CorruptImageError` naming it, because PIL's
     lazy decoding would otherwise fail much later (in a worker) or, with
     LOAD_TRUNCATED_IMAGES, silently return a half-grey image.
@@ -38,8 +129,7 @@ def decode_pil(data: bytes, path: str) -> Image.Image:
     try:
         img = Image.open(io.BytesIO(data))
         img.load()  # forces the full decode; a truncated file raises here.
-        if img.mode != "RGB":
-            img = img.convert("RGB")
+        img = to_rgb(img, path)
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ...
         raise CorruptImageError(path, err) from err
     if img.width == 0 or img.height == 0:
@@ -169,15 +259,23 @@ class EncodedSource(Source):
 
 
 class SubsetSource(Source):
-    """Records `indices` of `parent`, with labels remapped to 0..m-1 in sorted label order."""
+    """Records `indices` of `parent`, with labels remapped to 0..m-1 in sorted label order.
 
-    def __init__(self, name: str, parent: Source, indices: Sequence[int]):
+    `relabel=False` keeps the parent's labels and class names instead: the subset of a
+    query or gallery split must keep the mapping the two share.
+    """
+
+    def __init__(self, name: str, parent: Source, indices: Sequence[int], relabel: bool = True):
         indices = np.asarray(indices, dtype=np.int64)
         parent_labels = parent.labels[indices]
-        kept = np.unique(parent_labels)
-        labels = np.searchsorted(kept, parent_labels)
         cameras = None if parent.cameras is None else parent.cameras[indices]
-        super().__init__(name, labels, cameras, [parent.class_names[k] for k in kept])
+        if relabel:
+            kept = np.unique(parent_labels)
+            labels = np.searchsorted(kept, parent_labels)
+            class_names = [parent.class_names[k] for k in kept]
+        else:
+            labels, class_names = parent_labels, parent.class_names
+        super().__init__(name, labels, cameras, class_names)
         self.parent = parent
         self.indices = indices
 
