@@ -99,6 +99,9 @@ def get_config(dataset: str = "digits") -> ml_collections.ConfigDict:
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every_steps = 200
     config.checkpoint.max_to_keep = 3
+    # After SIGTERM the run saves within two steps; if it cannot (a step or a data read
+    # that never returns) it exits without saving after this many seconds.
+    config.checkpoint.preemption_timeout_s = 25.0
 
     config.logging = ml_collections.ConfigDict()
     config.logging.every_steps = 20

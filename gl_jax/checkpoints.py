@@ -4,10 +4,21 @@ Layout of a workdir: `checkpoints/<step>/` (kept: `config.checkpoint.max_to_keep
 `best/<step>/` (one). The trainer saves and resumes through `Checkpoints`; the evaluator
 finds and restores the model part of one with `find` and `restore_model`. Both restore
 through `restore_state`.
+
+Every finished checkpoint gets a manifest, `<step>/gl_jax_checksums.json`: the size and
+CRC-32 of each of its files, written after Orbax has finalised it. A checkpoint whose
+files do not match (truncated, missing, overwritten, flipped bits), or that has no
+manifest (the process died between Orbax's finalisation and the manifest), is never
+restored: resuming, reloading the best and evaluating all skip it with a warning that
+names it and the first file that differs. Checkpoints on non-local paths (`gs://...`)
+are not checksummed (the manifest needs the files on a local or mounted file system).
 """
 from __future__ import annotations
 
+import json
 import os
+import signal
+import zlib
 
 from absl import logging
 import grain
@@ -15,8 +26,87 @@ import jax
 import orbax.checkpoint as ocp
 
 KINDS = {"best": "best", "latest": "checkpoints"}   # which -> folder in the workdir
+MANIFEST = "gl_jax_checksums.json"
 
 
+class NoUsableCheckpointError(RuntimeError):
+    """Checkpoints exist but none of them can be restored in full."""
+
+
+# ---------------------------------------------------------------------------- checksums
+def _local(directory: str) -> bool:
+    return "://" not in str(directory)
+
+
+def _crc32(path: str) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def _files(step_dir: str) -> list[str]:
+    out = []
+    for root, _, names in os.walk(step_dir):
+        for name in names:
+            rel = os.path.relpath(os.path.join(root, name), step_dir)
+            if rel != MANIFEST:
+                out.append(rel)
+    return sorted(out)
+
+
+def write_manifest(step_dir: str) -> None:
+    """Records size and CRC-32 of every file of a finished checkpoint (atomically)."""
+    if not _local(step_dir):
+        return
+    entries = {rel: [os.path.getsize(os.path.join(step_dir, rel)),
+                     _crc32(os.path.join(step_dir, rel))] for rel in _files(step_dir)}
+    tmp = os.path.join(step_dir, MANIFEST + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(entries, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(step_dir, MANIFEST))
+
+
+def verify(step_dir: str) -> str | None:
+    """None when every file of the checkpoint matches its manifest; else what differs."""
+    if not _local(step_dir):
+        return None
+    path = os.path.join(step_dir, MANIFEST)
+    try:
+        with open(path) as f:
+            entries = json.load(f)
+    except FileNotFoundError:
+        return f"it has no {MANIFEST} (unfinished save)"
+    except (OSError, ValueError) as e:
+        return f"its {MANIFEST} is unreadable ({e})"
+    for rel, (size, crc) in sorted(entries.items()):
+        full = os.path.join(step_dir, rel)
+        if not os.path.isfile(full):
+            return f"{rel} is missing"
+        if os.path.getsize(full) != size:
+            return f"{rel} has {os.path.getsize(full)} bytes, {size} were saved"
+        if _crc32(full) != crc:
+            return f"{rel} has changed since it was saved (checksum mismatch)"
+    extra = sorted(set(_files(step_dir)) - set(entries))
+    if extra:
+        return f"{extra[0]} was not part of the saved checkpoint"
+    return None
+
+
+def _crash_point(step: int) -> None:
+    """Fault injection for the resume tests: `GL_JAX_KILL_AFTER_SAVE=5,10,...` makes the
+    process SIGKILL itself right after saving one of those steps (as a preempted machine
+    could die at any moment). Unset in normal use."""
+    steps = os.environ.get("GL_JAX_KILL_AFTER_SAVE", "")
+    if steps and str(step) in steps.split(","):
+        logging.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ------------------------------------------------------------------------------ restore
 def restore_state(manager: ocp.CheckpointManager, step: int, target, *, partial: bool = False):
     """The 'state' item of checkpoint `step`, restored into `target` (leaves: shape, dtype
     and sharding). `partial`: `target` names a subset of the saved tree (e.g. only
@@ -35,13 +125,33 @@ def _manager(directory: str, max_to_keep: int | None = None, read_only: bool = F
     return ocp.CheckpointManager(directory, options=options)
 
 
+def _verified_steps(manager: ocp.CheckpointManager, failures: list | None = None):
+    """Steps newest first whose files match their manifest; the others are logged (and
+    appended to `failures` as (step, reason))."""
+    for step in sorted(manager.all_steps(), reverse=True):
+        step_dir = os.path.join(str(manager.directory), str(step))
+        problem = verify(step_dir)
+        if problem is None:
+            yield step
+            continue
+        logging.warning("checkpoint %s is damaged: %s; skipping it.", step_dir, problem)
+        if failures is not None:
+            failures.append((step, problem))
+
+
 class Checkpoints:
     """Latest checkpoints (state + data iterator + bookkeeping) and the best one."""
 
     def __init__(self, workdir: str, config):
+        self.workdir = workdir
         self.latest = _manager(os.path.join(workdir, KINDS["latest"]),
                                int(config.checkpoint.max_to_keep))
         self.best = _manager(os.path.join(workdir, KINDS["best"]), 1)
+
+    def _finish(self, manager: ocp.CheckpointManager, step: int) -> None:
+        manager.wait_until_finished()
+        if jax.process_index() == 0:
+            write_manifest(os.path.join(str(manager.directory), str(step)))
 
     def save(self, state, iterator, meta: dict) -> None:
         step = int(meta["step"])
@@ -51,17 +161,25 @@ class Checkpoints:
             state=ocp.args.StandardSave(state),
             data=grain.checkpoint.CheckpointSave(iterator),
             meta=ocp.args.JsonSave(meta)))
-        self.latest.wait_until_finished()
+        self._finish(self.latest, step)
+        _crash_point(step)
+
+    def candidates(self, failures: list | None = None):
+        """Steps of the latest checkpoints that passed the checksum check, newest first."""
+        return _verified_steps(self.latest, failures)
+
+    def restore_meta(self, step: int) -> dict:
+        return dict(self.latest.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore()))["meta"])
 
     def latest_meta(self) -> tuple[int | None, dict | None]:
-        """The newest readable checkpoint's step and bookkeeping; corrupt ones are skipped."""
-        for step in sorted(self.latest.all_steps(), reverse=True):
+        """The newest intact checkpoint's step and bookkeeping (damaged ones skipped)."""
+        for step in self.candidates():
             try:
-                meta = self.latest.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-                return step, dict(meta["meta"])
-            except Exception as e:  # a half-written or damaged checkpoint
-                logging.warning("checkpoint %d in %s is unreadable (%s); trying the previous one.",
-                                step, self.latest.directory, e)
+                return step, self.restore_meta(step)
+            except Exception as e:  # noqa: BLE001 - any failure means: not this one
+                logging.warning("checkpoint %d in %s is unreadable (%s); trying the previous "
+                                "one.", step, self.latest.directory, e)
         return None, None
 
     def restore_state(self, step: int, target):
@@ -77,18 +195,20 @@ class Checkpoints:
             self.best.delete(stale)
         self.best.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                      meta=ocp.args.JsonSave(meta)))
-        self.best.wait_until_finished()
+        self._finish(self.best, step)
 
     def restore_best(self, target):
-        step = self.best.latest_step()
-        if step is None:
-            return None
-        return restore_state(self.best, step, target)
+        """The best state so far, or None when there is none (or it is damaged: warned)."""
+        for step in _verified_steps(self.best):
+            return restore_state(self.best, step, target)
+        return None
 
-    def discard_best_after(self, step: int) -> None:
-        """A best checkpoint newer than the resumed state belongs to the lost future."""
-        for s in [s for s in self.best.all_steps() if s > step]:
-            self.best.delete(s)
+    def discard_after(self, step: int) -> None:
+        """Checkpoints newer than the resumed state (damaged ones, or a best model of the
+        lost future) are deleted, so that the run saves those steps anew."""
+        for manager in (self.latest, self.best):
+            for s in [s for s in manager.all_steps() if s > step]:
+                manager.delete(s)
 
     def close(self):
         self.latest.close()
@@ -96,7 +216,7 @@ class Checkpoints:
 
 
 def find(workdir: str, which: str = "best") -> tuple[str, int]:
-    """(folder, step) of the checkpoint to evaluate in a training workdir.
+    """(folder, step) of the newest intact checkpoint to evaluate in a training workdir.
 
     which: 'best' (the selected model; falls back to the latest when a run saved none) or
     'latest'. Raises FileNotFoundError naming the workdir when there is none."""
@@ -110,15 +230,15 @@ def find(workdir: str, which: str = "best") -> tuple[str, int]:
         if not os.path.isdir(directory):
             continue
         manager = _manager(directory, read_only=True)
-        steps = manager.all_steps()
+        step = next(_verified_steps(manager), None)
         manager.close()
-        if steps:
+        if step is not None:
             if kind != which:
-                logging.warning("%s has no %s checkpoint; evaluating the latest (step %d).",
-                                workdir, which, max(steps))
-            return directory, max(steps)
+                logging.warning("%s has no intact %s checkpoint; evaluating the latest "
+                                "(step %d).", workdir, which, step)
+            return directory, step
     raise FileNotFoundError(
-        f"--workdir={workdir!r} holds no checkpoint (looked for finished steps in "
+        f"--workdir={workdir!r} holds no intact checkpoint (looked for finished steps in "
         f"{', '.join(os.path.join(workdir, KINDS[k]) for k in order)}); train "
         "there first with `python -m gl_jax.main`.")
 

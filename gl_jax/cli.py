@@ -1,6 +1,61 @@
-"""What every command line of gl_jax shares: absl's `app.run` around the command's `main`."""
+"""What every command line of gl_jax shares: absl's `app.run` around the command's `main`,
+with user errors printed as one line instead of a traceback.
+
+A user error is a problem with what the user gave: a bad config value, bad or missing
+data, a busy workdir, no usable checkpoint, a loss that diverged. It is printed as
+`error: <message>` on stderr with exit status 2 (1 for a diverged loss). Anything else is
+an internal error and keeps its traceback. `--verbosity=1` (or `GL_JAX_TRACEBACK=1`)
+shows the traceback of user errors too.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
 from absl import app
+from absl import flags
+
+from gl_jax import checkpoints
+from gl_jax import workdir_lock
+from gl_jax.train import NonFiniteLossError
+
+# Raised on purpose by gl_jax (and config files) about what the user gave.
+_USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError,
+                workdir_lock.WorkdirBusyError, checkpoints.NoUsableCheckpointError,
+                NonFiniteLossError)
+_OUR_CODE = (os.path.dirname(os.path.abspath(__file__)),
+             os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "configs"))
+
+
+def is_user_error(error: BaseException) -> bool:
+    """A user error of a type above, raised by gl_jax's own code or a config file (not
+    deep inside a library, where the same type can mean a bug)."""
+    if not isinstance(error, _USER_ERRORS):
+        return False
+    frames = traceback.extract_tb(error.__traceback__)
+    return bool(frames) and os.path.abspath(frames[-1].filename).startswith(_OUR_CODE)
+
+
+def _show_tracebacks() -> bool:
+    verbosity = flags.FLAGS["verbosity"].value if "verbosity" in flags.FLAGS else 0
+    return verbosity >= 1 or os.environ.get("GL_JAX_TRACEBACK", "") not in ("", "0")
 
 
 def run(main) -> None:
-    app.run(main)
+    """`app.run(main)`; user errors -> one line on stderr and a non-zero exit status."""
+    def guarded(argv):
+        try:
+            return main(argv)
+        except KeyboardInterrupt:
+            print("\ninterrupted; the same command resumes from the last checkpoint.",
+                  file=sys.stderr, flush=True)
+            # Data-reading threads may still block: leave without waiting for them.
+            os._exit(130)
+        except BaseException as e:   # noqa: BLE001 - sorted into user and internal errors
+            if not is_user_error(e) or _show_tracebacks():
+                raise
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.exit(1 if isinstance(e, NonFiniteLossError) else 2)
+    app.run(guarded)

@@ -92,6 +92,14 @@ def evaluate_split(embedder: runtime.Embedder, params, model_state, splits: dict
     return metrics(kind, embedded, config, junk_ids=junk_labels(splits, kind))
 
 
+def metric_names(kind: str, ks, nmi: bool) -> set[str]:
+    """The names of the metrics `metrics` reports for `kind` (without the counts)."""
+    if kind == "reid":
+        return {f"rank@{int(k)}" for k in ks} | {"map", "minp"}
+    names = {f"recall@{int(k)}" for k in ks} | {"precision@1", "r_precision", "map@r"}
+    return names | ({"nmi"} if nmi and kind == "retrieval" else set())
+
+
 def selection_key(name: str, kind: str) -> str:
     """The metric name a kind reports for `name`: re-id reports CMC 'rank@K' for
     'recall@K' (and retrieval 'recall@K' for 'rank@K')."""

@@ -28,6 +28,7 @@ import json
 import math
 import os
 import signal
+import threading
 from typing import Any, Callable
 
 from absl import logging
@@ -46,6 +47,7 @@ from gl_jax import metric_writers
 from gl_jax import models
 from gl_jax import protocol
 from gl_jax import runtime
+from gl_jax import workdir_lock
 from gl_jax.losses import registry as loss_registry
 from gl_jax.runtime import TrainState
 
@@ -158,23 +160,53 @@ def train_step(graphdef, tx, spec: LossSpec, state: TrainState, batch):
 
 
 # ------------------------------------------------------------------------------ checks
+def _require(ok: bool, field: str, value, rule: str) -> None:
+    if not ok:
+        raise ValueError(f"config.{field} = {value!r}: {rule}.")
+
+
 def validate_config(config, splits, mesh: Mesh) -> None:
     """Fails before anything compiles, naming the field and why."""
     n_dev = mesh.size
+    num_train = splits["train"].num_classes
     for name, (p, k) in {
             "sampler": (config.sampler.classes_per_batch, config.sampler.samples_per_class),
             "warmup": (config.warmup.classes_per_batch, config.warmup.samples_per_class)}.items():
         if name == "warmup" and config.warmup.epochs <= 0:
             continue
+        _require(int(p) >= 1, f"{name}.classes_per_batch", p, "must be >= 1")
+        _require(int(k) >= 1, f"{name}.samples_per_class", k, "must be >= 1")
         if (p * k) % n_dev:
             raise ValueError(
                 f"config.{name}: the global batch {p} x {k} = {p * k} is not divisible by the "
                 f"{n_dev} devices of the mesh (config.mesh.num_devices).")
-        num_train = splits["train"].num_classes
         if p > num_train:
             raise ValueError(
                 f"config.{name}.classes_per_batch = {p} but the training split of "
                 f"{config.data.name!r} has only {num_train} classes.")
+    for field in ("schedule.epochs", "warmup.epochs", "schedule.steps_per_epoch",
+                  "warmup.steps_per_epoch"):
+        value = config[field.split(".")[0]][field.split(".")[1]]
+        _require(int(value) >= 0, field, value, "must be >= 0")
+    _require(config.schedule.epochs + config.warmup.epochs > 0, "schedule.epochs",
+             config.schedule.epochs, "with warmup.epochs = 0 there is nothing to train")
+    for field in ("optimizer.lr", "warmup.lr"):
+        value = config[field.split(".")[0]][field.split(".")[1]]
+        _require(float(value) >= 0.0 and math.isfinite(float(value)), field, value,
+                 "a learning rate must be a finite number >= 0")
+    opt = config.optimizer
+    _require(float(opt.weight_decay) >= 0.0, "optimizer.weight_decay", opt.weight_decay,
+             "must be >= 0")
+    for field, value in (("optimizer.b1", opt.b1), ("optimizer.b2", opt.b2)):
+        _require(0.0 <= float(value) < 1.0, field, value, "must be in [0, 1)")
+    for field, value in (("optimizer.eps", opt.eps), ("warmup.eps", config.warmup.eps)):
+        _require(float(value) > 0.0, field, value, "must be > 0")
+    _require(float(opt.classifier_lr_multiplier) > 0.0, "optimizer.classifier_lr_multiplier",
+             opt.classifier_lr_multiplier, "must be > 0")
+    for field in ("evals.every_epochs", "evals.batch_size", "checkpoint.every_steps",
+                  "checkpoint.max_to_keep", "logging.every_steps"):
+        value = config[field.split(".")[0]][field.split(".")[1]]
+        _require(int(value) >= 1, field, value, "must be >= 1")
     if config.evals.batch_size % n_dev:
         raise ValueError(f"config.evals.batch_size = {config.evals.batch_size} is not divisible "
                          f"by the {n_dev} devices of the mesh.")
@@ -184,12 +216,44 @@ def validate_config(config, splits, mesh: Mesh) -> None:
     if config.selection.protocol == "validation" and "val" not in splits:
         raise ValueError("config.selection.protocol = 'validation' needs a validation split: "
                          "set config.data.val_classes > 0.")
-    loss_registry.hparams_from_config(config.loss)   # unknown name / field -> ValueError
+    loss_name, hparams = loss_registry.hparams_from_config(config.loss)  # unknown -> ValueError
+    if loss_name == "group_loss":
+        k, anchors = int(config.sampler.samples_per_class), int(hparams["anchors_per_class"])
+        _require(anchors >= 0, "loss.anchors_per_class", anchors, "must be >= 0")
+        _require(k > anchors, "sampler.samples_per_class", k,
+                 f"must exceed loss.anchors_per_class = {anchors}: with every sample of a "
+                 "class an anchor the Group Loss is zero")
+        _require(float(hparams["temperature"]) > 0, "loss.temperature",
+                 hparams["temperature"], "must be > 0")
+        _require(int(hparams["num_iterations"]) >= 0, "loss.num_iterations",
+                 hparams["num_iterations"], "must be >= 0")
     if len(config.schedule.lr_drop_epochs) != len(config.schedule.lr_drop_factors):
         raise ValueError("config.schedule.lr_drop_epochs and lr_drop_factors differ in length.")
     if config.model.name not in models.available_models():
         raise ValueError(f"config.model.name = {config.model.name!r} is unknown; known: "
                          f"{models.available_models()}.")
+    _validate_evals(config, splits)
+
+
+def _validate_evals(config, splits) -> None:
+    """Every K can be ranked in every evaluated split, and the selection metric exists."""
+    ks = tuple(int(k) for k in config.evals.ks)
+    _require(len(ks) > 0 and min(ks) >= 1, "evals.ks", tuple(config.evals.ks),
+             "must be one or more K >= 1")
+    name = str(config.data.name)
+    val_split = "val" if config.selection.protocol == "validation" else "test"
+    for split in sorted({val_split, "test"}):
+        kind, parts = protocol.eval_kind(splits, name, split)
+        limit = (len(splits[parts[0]]) - 1 if kind == "retrieval"
+                 else len(splits["gallery"]))
+        _require(max(ks) <= limit, "evals.ks", ks,
+                 f"K = {max(ks)} exceeds the {limit} items a query of the {split!r} evaluation "
+                 f"can rank")
+    kind, _ = protocol.eval_kind(splits, name, val_split)
+    metric = protocol.selection_key(str(config.selection.metric), kind)
+    known = protocol.metric_names(kind, ks, nmi=bool(config.evals.nmi))
+    _require(metric in known, "selection.metric", config.selection.metric,
+             f"the {val_split!r} evaluation ({kind}) computes {sorted(known)}")
 
 
 # ----------------------------------------------------------------------------- the stages
@@ -253,11 +317,20 @@ def _steps_per_epoch(source, sampler_config, cap) -> int:
 
 
 class _Preemption:
-    """Turns SIGTERM (a preempted VM) into a flag the loop checks after each step."""
+    """SIGTERM (a preempted VM) -> a flag the loop checks after every step, then a save.
 
-    def __init__(self):
+    At most two steps are in flight (see `_run_stage`), so the save starts within two
+    steps of the signal. If the process has not exited `timeout_s` seconds after the
+    signal (a step or a data read that never returns), it exits with status 143 without
+    saving: the last checkpoint stays the newest, and the same command resumes from it."""
+
+    def __init__(self, timeout_s: float = 25.0):
         self.requested = False
+        self.dispatched = 0          # the loop's last dispatched step
+        self.signal_step = None      # `dispatched` when SIGTERM arrived
+        self.timeout_s = float(timeout_s)
         self._previous = None
+        self._timer: threading.Timer | None = None
 
     def __enter__(self):
         try:
@@ -267,10 +340,26 @@ class _Preemption:
         return self
 
     def _handle(self, signum, frame):
-        logging.warning("SIGTERM received: saving a checkpoint and stopping.")
+        if self.requested:
+            return
+        self.signal_step = self.dispatched
+        logging.warning("SIGTERM received at step %d: saving a checkpoint and stopping.",
+                        self.signal_step)
         self.requested = True
+        self._timer = threading.Timer(self.timeout_s, self._give_up)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _give_up(self):
+        logging.error("no checkpoint saved within %.0f s of SIGTERM (a step or a data read "
+                      "does not return); exiting without saving. The same command resumes "
+                      "from the last checkpoint.", self.timeout_s)
+        logging.flush()
+        os._exit(143)
 
     def __exit__(self, *exc):
+        if self._timer is not None:
+            self._timer.cancel()
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
 
@@ -306,6 +395,28 @@ class Run:
         kind, _ = protocol.eval_kind(self.splits, str(self.config.data.name), self.val_split)
         return float(metrics[protocol.selection_key(self.config.selection.metric, kind)])
 
+    def evaluate_epoch(self, stage: Stage, state, step: int) -> None:
+        """The epoch-end evaluation: metrics logged, the best model kept. Runs after the
+        epoch-end checkpoint, so a crash here loses no training."""
+        epoch = (step - stage.first_step) // stage.steps_per_epoch   # 1-based, finished
+        metrics = self.evaluate(state, self.val_split)
+        score = self.selection_score(metrics)
+        if self.writer:
+            self.writer.write(step, {f"{self.val_split}/{k}": v for k, v in metrics.items()})
+        logging.info("epoch %d: %s %s = %.4f", epoch, self.val_split,
+                     self.config.selection.metric, score)
+        if score > self.meta["best_score"]:
+            self.meta.update(best_score=score, best_step=step, best_epoch=epoch)
+            self.checkpoints.save_best(state, step, dict(self.meta))
+
+
+def _evaluates_at(stage: Stage, step: int, every_epochs: int) -> bool:
+    """True when `step` ends an epoch of `stage` that is followed by an evaluation."""
+    done = step - stage.first_step
+    return (stage.evaluates and 0 < done <= stage.epochs * stage.steps_per_epoch
+            and done % stage.steps_per_epoch == 0
+            and (done // stage.steps_per_epoch) % every_epochs == 0)
+
 
 class _MetricsLog:
     """Step metrics still on the device, read back in groups (a read-back is a host sync)."""
@@ -319,20 +430,27 @@ class _MetricsLog:
         self.pending.append((step, metrics))
 
     def flush(self) -> None:
-        """Reads pending metrics back, stops on a non-finite loss, logs the averages."""
+        """Reads pending metrics back, stops on a non-finite loss or parameters, logs the
+        averages. Every checkpoint is saved right after a flush, so a saved state always
+        has finite parameters and came from finite losses."""
         if not self.pending:
             return
         rows = [(s, {k: float(v) for k, v in jax.device_get(m).items()})
                 for s, m in self.pending]
         self.pending = []
         for s, row in rows:
-            if not math.isfinite(row["loss"]):
-                where = (f"the last good checkpoint is step {self.last_good} in "
-                         f"{self.run.checkpoints.latest.directory}" if self.last_good is not None
-                         else "no checkpoint was saved yet")
+            bad = [k for k in ("loss", "param_norm") if not math.isfinite(row.get(k, 0.0))]
+            if bad:
+                where = (f"The last checkpoint, step {self.last_good} in "
+                         f"{self.run.checkpoints.latest.directory}, has finite parameters "
+                         "(checked at save) and intact files (checked at restore): rerunning "
+                         "the same command resumes from it, and will likely meet the same "
+                         "values unless the config changes (e.g. a lower "
+                         "--config.optimizer.lr)" if self.last_good is not None
+                         else "No checkpoint was saved yet.")
                 raise NonFiniteLossError(
-                    f"non-finite loss {row['loss']} at step {s} ({self.stage.name} stage); "
-                    f"{where}. Rerunning the same command resumes from it.")
+                    f"non-finite {bad[0]} {row[bad[0]]} at step {s} ({self.stage.name} stage). "
+                    f"{where}")
         if self.run.writer:
             mean = {f"{self.stage.name}/{k}": float(np.mean([r[k] for _, r in rows]))
                     for k in rows[0][1]}
@@ -344,13 +462,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
     Writes `config.json`, `metrics.jsonl`, TensorBoard files in `tensorboard/`,
     checkpoints in `checkpoints/` (latest) and `best/`, and `results.json` with the final
-    test metrics of the selected model.
+    test metrics of the selected model. One run per workdir (`workdir/.lock`).
     """
     os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() != 0:
+        return _train_and_evaluate(config, workdir)
+    with workdir_lock.WorkdirLock(workdir):
+        return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config, workdir: str) -> TrainState:
     is_main = jax.process_index() == 0
     mesh = runtime.make_mesh(config.mesh)
     splits = runtime.load_splits(config)
     validate_config(config, splits, mesh)
+    if config.data.scan != "off":
+        # Every record read before the first step: bad files fail now, not hours in.
+        splits = gdata.scan_splits(
+            splits, sampler_config=config.sampler, skip_corrupt=bool(config.data.skip_corrupt),
+            full_decode=config.data.scan == "full", undrawable=str(config.sampler.undrawable),
+            progress=bool(config.logging.progress) and is_main).splits
     train_source = splits["train"]
     stages = make_stages(config, train_source)
     final_step = stages[-1].last_step
@@ -362,38 +493,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                  dict(mesh.shape), mesh.size, jax.process_count(), train_source.num_classes,
                  ", ".join(f"{s.name} {s.epochs} x {s.steps_per_epoch} steps" for s in stages))
 
+    checkpoints = ckpt.Checkpoints(workdir, config)
+    model = runtime.build_model(config, train_source.num_classes)
+    graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
+    del model
+
+    def fresh_state(stage: Stage):
+        state = TrainState(step=jnp.asarray(0, jnp.int32), params=params,
+                           model_state=model_state, opt_state=stage.tx.init(params))
+        return jax.device_put(state, runtime.state_shardings(state, mesh,
+                                                             bool(config.mesh.shard_params)))
+
     meta = {"step": 0, "best_score": -math.inf, "best_step": -1, "best_epoch": -1,
             "protocol": config.selection.protocol}
-    checkpoints = ckpt.Checkpoints(workdir, config)
-    resume_step, resume_meta = checkpoints.latest_meta()
-    start = 0 if resume_step is None else resume_step
-    # The stage the run continues in (the last one if everything is done).
-    current = next((s for s in stages if start < s.last_step), stages[-1])
-
-    model = runtime.build_model(config, train_source.num_classes)
-    graphdef, state = runtime.create_train_state(model, current.tx)
-    del model
-    state = jax.device_put(state, runtime.state_shardings(state, mesh,
-                                                          bool(config.mesh.shard_params)))
-    if resume_step is not None:
-        meta.update(resume_meta)
-        state = checkpoints.restore_state(resume_step, runtime.abstract(state))
-        logging.info("resumed from step %d (%s stage) in %s", resume_step, current.name, workdir)
-    checkpoints.discard_best_after(start)
+    resumed = _resume(checkpoints, stages, fresh_state, splits["train"])
+    if resumed is None:
+        start, state, iterator = 0, fresh_state(stages[0]), None
+    else:
+        start, saved_meta, state, iterator = resumed
+        meta.update(saved_meta)
+        logging.info("resumed from step %d in %s", start, workdir)
+    checkpoints.discard_after(start)
     run = Run(config=config, mesh=mesh, graphdef=graphdef, splits=splits,
               checkpoints=checkpoints,
               writer=metric_writers.MetricWriter(workdir) if is_main else None,
-              embedder=runtime.Embedder(graphdef, mesh), preemption=_Preemption(), meta=meta,
+              embedder=runtime.Embedder(graphdef, mesh),
+              preemption=_Preemption(float(config.checkpoint.preemption_timeout_s)), meta=meta,
               val_split="val" if config.selection.protocol == "validation" else "test")
 
     stopped_early = False
     with run.preemption:
+        # Killed during an epoch-end evaluation: that evaluation comes first.
+        for stage in stages:
+            if _evaluates_at(stage, start, int(config.evals.every_epochs)):
+                run.evaluate_epoch(stage, state, start)
         for stage in stages:
             if stage.last_step <= start:
                 continue
             mid_stage = stage.first_step < start
-            state, stopped_early = _run_stage(run, stage, state,
-                                              resume_step if mid_stage else None)
+            state, stopped_early = _run_stage(run, stage, state, iterator if mid_stage else None)
             if stopped_early:
                 break
 
@@ -405,24 +543,56 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     return state
 
 
-def _run_stage(run: Run, stage: Stage, state, resume_step):
-    """Trains one stage, from its start or from `resume_step` inside it.
+def _resume(checkpoints: ckpt.Checkpoints, stages: list[Stage], fresh_state, train_source):
+    """(step, meta, state, iterator) of the newest checkpoint that restores in full, or None
+    when the workdir has none. `iterator` is None at a stage's last step (the next stage
+    starts its own). Damaged checkpoints are skipped with a warning; when every one is
+    damaged, NoUsableCheckpointError says so and how to start fresh."""
+    failures: list = []
+    for step in checkpoints.candidates(failures):
+        try:
+            meta = checkpoints.restore_meta(step)
+            # The stage that saved it: its optimizer state has that stage's structure.
+            stage = next(s for s in stages if s.first_step < step <= s.last_step)
+            state = checkpoints.restore_state(step, runtime.abstract(fresh_state(stage)))
+            iterator = None
+            if step < stage.last_step:
+                iterator = gdata.make_train_iterator(
+                    train_source, stage.data_config, stage.sampler_config,
+                    process_index=jax.process_index(), process_count=jax.process_count())
+                checkpoints.restore_iterator(step, iterator)
+            return step, meta, state, iterator
+        except StopIteration:
+            failures.append((step, "its step is beyond this config's stages"))
+        except Exception as e:  # noqa: BLE001 - any failure means: not this checkpoint
+            logging.warning("checkpoint %d in %s cannot be restored (%s: %s); trying the "
+                            "previous one.", step, checkpoints.latest.directory,
+                            type(e).__name__, str(e)[:300])
+            failures.append((step, f"{type(e).__name__}: {str(e)[:200]}"))
+    if failures:
+        listing = "; ".join(f"step {s}: {why}" for s, why in failures)
+        raise ckpt.NoUsableCheckpointError(
+            f"no checkpoint in {checkpoints.latest.directory} can be restored ({listing}). "
+            f"To start this run afresh, move {checkpoints.workdir}/checkpoints and "
+            f"{checkpoints.workdir}/best away (or delete them), or use a new --workdir.")
+    return None
+
+
+def _run_stage(run: Run, stage: Stage, state, iterator):
+    """Trains one stage, from its start or, given the restored `iterator`, from inside it.
 
     Returns (state, stopped_early)."""
     config, checkpoints, meta = run.config, run.checkpoints, run.meta
     is_main = jax.process_index() == 0
-    resuming = resume_step is not None
     # A new stage starts a fresh optimizer on the current parameters.
-    if not resuming:
+    if iterator is None:
         state = TrainState(step=state.step, params=state.params, model_state=state.model_state,
                            opt_state=stage.tx.init(state.params))
+        iterator = gdata.make_train_iterator(
+            run.splits["train"], stage.data_config, stage.sampler_config,
+            process_index=jax.process_index(), process_count=jax.process_count())
     stage_shardings = run.shardings(state)
     state = jax.device_put(state, stage_shardings)
-    iterator = gdata.make_train_iterator(
-        run.splits["train"], stage.data_config, stage.sampler_config,
-        process_index=jax.process_index(), process_count=jax.process_count())
-    if resuming:
-        checkpoints.restore_iterator(resume_step, iterator)
     step_fn = jax.jit(functools.partial(train_step, run.graphdef, stage.tx, stage.spec),
                       in_shardings=(stage_shardings, run.data_sharding),
                       out_shardings=(stage_shardings, NamedSharding(run.mesh, P())),
@@ -446,12 +616,19 @@ def _run_stage(run: Run, stage: Stage, state, resume_step):
                         initial=step - (epoch_end - stage.steps_per_epoch),
                         desc=f"{stage.name} epoch {epoch + 1}/{stage.epochs}",
                         disable=not (config.logging.progress and is_main), unit="step")
+        in_flight = None
         while step < epoch_end:
             batch = next(iterator)
             state, metrics = step_fn(state, runtime.to_global(batch, run.data_sharding))
             step += 1
+            run.preemption.dispatched = step
             log.add(step, metrics)
             bar.update(1)
+            # At most two steps in flight: the device stays busy, and a SIGTERM waits for
+            # no more than the running step and the one queued behind it.
+            if in_flight is not None:
+                jax.block_until_ready(in_flight)
+            in_flight = metrics["loss"]
             if step % int(config.logging.every_steps) == 0:
                 log.flush()
                 bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
@@ -460,23 +637,14 @@ def _run_stage(run: Run, stage: Stage, state, resume_step):
             if run.preemption.requested:
                 save()
                 bar.close()
-                logging.warning("stopped at step %d after SIGTERM; the same command resumes.",
-                                step)
+                logging.warning("stopped at step %d, %d step(s) after SIGTERM; the same "
+                                "command resumes.", step, step - run.preemption.signal_step)
                 _close(iterator)
                 return state, True
         bar.close()
-        log.flush()
-        if stage.evaluates and (epoch + 1) % int(config.evals.every_epochs) == 0:
-            metrics = run.evaluate(state, run.val_split)
-            score = run.selection_score(metrics)
-            if run.writer:
-                run.writer.write(step, {f"{run.val_split}/{k}": v for k, v in metrics.items()})
-            logging.info("epoch %d: %s %s = %.4f", epoch + 1, run.val_split,
-                         config.selection.metric, score)
-            if score > meta["best_score"]:
-                meta.update(best_score=score, best_step=step, best_epoch=epoch + 1)
-                checkpoints.save_best(state, step, dict(meta))
         save()
+        if _evaluates_at(stage, step, int(config.evals.every_epochs)):
+            run.evaluate_epoch(stage, state, step)
     _close(iterator)
     return state, False
 

@@ -320,7 +320,7 @@ def test_junk_labels_are_looked_up_by_person_id():
 @pytest.mark.slow
 def test_workdir_without_checkpoint(tmp_path, trained):
     config = ablation.load_workdir_config(trained)
-    with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
+    with pytest.raises(FileNotFoundError, match="holds no intact checkpoint"):
         ablation.run(config, [str(tmp_path)])
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ablation.run(config, [str(tmp_path / "missing")])

@@ -1,56 +1,18 @@
 """End-to-end tests of the trainer on the embedded digits config (CPU-sized)."""
 import json
 import os
-import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 
 import jax
-import orbax.checkpoint as ocp
-
-from configs import digits
 from flax import nnx
 
-from gl_jax import checkpoints
 from gl_jax import evaluation
 from gl_jax import runtime
 from gl_jax import train
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def quick_config(**overrides):
-    config = digits.get_config("quick")
-    config.logging.progress = False
-    for dotted, value in overrides.items():
-        section, field = dotted.split("__")
-        config[section][field] = value
-    return config
-
-
-def read_metrics(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def read_results(workdir):
-    with open(os.path.join(workdir, "results.json")) as f:
-        return json.load(f)
-
-
-def latest_params(workdir):
-    """The parameters of the newest checkpoint as a flat {path: array} dict."""
-    manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
-    step = manager.latest_step()
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    manager.close()
-    flat = jax.tree_util.tree_flatten_with_path(restored["state"]["params"])[0]
-    return step, {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in flat}
+from train_helpers import REPO, quick_config, read_metrics, read_results
 
 
 @pytest.fixture(scope="module")
@@ -133,100 +95,6 @@ def test_image_folder_quick_learns_held_out_omniglot_characters(tmp_path):
     assert after["map@r"] > before["map@r"] + 0.05
 
 
-class _Run:
-    """`python -m gl_jax.main` on digits:quick in a subprocess, its output in a file (a pipe
-    nobody reads would fill up and block the child)."""
-
-    def __init__(self, workdir, *flags):
-        os.makedirs(workdir, exist_ok=True)
-        self.log = os.path.join(workdir, f"log{time.time_ns()}.txt")
-        cmd = [sys.executable, "-m", "gl_jax.main", "--config=configs/digits.py:quick",
-               f"--workdir={workdir}", "--config.logging.progress=False", *flags]
-        with open(self.log, "w") as out:
-            self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-
-    def output(self):
-        with open(self.log) as f:
-            return f.read()
-
-    def wait(self, timeout=600):
-        self.proc.wait(timeout=timeout)
-        return self.proc.returncode, self.output()
-
-
-def _run_main(workdir, *flags):
-    return _Run(workdir, *flags).wait()
-
-
-def _wait_for_checkpoint(run, workdir, min_step, timeout=300):
-    ckpt = os.path.join(workdir, "checkpoints")
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if os.path.isdir(ckpt) and any(d.isdigit() and int(d) >= min_step for d in os.listdir(ckpt)):
-            return
-        if run.proc.poll() is not None:
-            raise AssertionError(f"the run ended before step {min_step}:\n{run.output()}")
-        time.sleep(0.05)
-    raise AssertionError("no checkpoint appeared in time")
-
-
-@pytest.mark.slow
-def test_sigkill_then_restart_matches_uninterrupted(quick_run, tmp_path):
-    reference_dir, _ = quick_run
-    workdir = str(tmp_path / "killed")
-    run = _Run(workdir)
-    _wait_for_checkpoint(run, workdir, min_step=25)   # inside the 2nd group epoch
-    run.proc.send_signal(signal.SIGKILL)
-    run.wait()
-    assert not os.path.exists(os.path.join(workdir, "results.json")), "killed too late"
-    code, out = _run_main(workdir)
-    assert code == 0, out
-    assert "resumed from step" in out
-    assert read_results(workdir)["test"] == read_results(reference_dir)["test"]
-    step_a, params_a = latest_params(workdir)
-    step_b, params_b = latest_params(reference_dir)
-    assert step_a == step_b and params_a.keys() == params_b.keys()
-    for key in params_a:
-        np.testing.assert_array_equal(params_a[key], params_b[key], err_msg=key)
-
-
-@pytest.mark.slow
-def test_sigterm_saves_and_exits_cleanly(tmp_path):
-    workdir = str(tmp_path / "preempted")
-    run = _Run(workdir)
-    _wait_for_checkpoint(run, workdir, min_step=5)
-    run.proc.send_signal(signal.SIGTERM)
-    code, out = run.wait()
-    assert code == 0, out
-    if os.path.exists(os.path.join(workdir, "results.json")):
-        pytest.skip("the run finished before SIGTERM arrived")
-    assert "SIGTERM" in out
-    code, out = _run_main(workdir)
-    assert code == 0 and "resumed from step" in out, out
-    assert os.path.exists(os.path.join(workdir, "results.json"))
-
-
-@pytest.mark.slow
-def test_corrupt_latest_checkpoint_is_skipped(quick_run, tmp_path):
-    reference_dir, _ = quick_run
-    workdir = str(tmp_path / "corrupt")
-    shutil.copytree(reference_dir, workdir)
-    os.remove(os.path.join(workdir, "results.json"))
-    ckpt = os.path.join(workdir, "checkpoints")
-    steps = sorted(int(d) for d in os.listdir(ckpt) if d.isdigit())
-    # Damage every file of the newest checkpoint, as a crash during a write could.
-    for root, _, files in os.walk(os.path.join(ckpt, str(steps[-1]))):
-        for name in files:
-            with open(os.path.join(root, name), "wb") as f:
-                f.write(b"\x00garbage")
-    manager = checkpoints.Checkpoints(workdir, quick_config())
-    step, _ = manager.latest_meta()
-    manager.close()
-    assert step == steps[-2]
-    train.train_and_evaluate(quick_config(), workdir)
-    assert read_results(workdir)["test"] == read_results(reference_dir)["test"]
-
-
 @pytest.mark.slow
 def test_one_and_four_devices_give_the_same_losses(tmp_path):
     assert jax.device_count() >= 4, "tests/conftest.py asks for 4 CPU devices"
@@ -273,6 +141,22 @@ def test_non_finite_loss_stops_naming_step_and_checkpoint(tmp_path):
      r"config.data.root = '/nonexistent/gl_jax'"),
     (dict(selection__protocol="validation"), ValueError, r"set config.data.val_classes > 0"),
     (dict(mesh__num_devices=64), ValueError, r"config.mesh.num_devices = 64"),
+    (dict(optimizer__lr=-1e-3), ValueError, r"config.optimizer.lr = -0.001: a learning rate"),
+    (dict(warmup__lr=float("nan")), ValueError, r"config.warmup.lr = nan: a learning rate"),
+    (dict(schedule__epochs=-1), ValueError, r"config.schedule.epochs = -1: must be >= 0"),
+    (dict(warmup__epochs=-2), ValueError, r"config.warmup.epochs = -2: must be >= 0"),
+    (dict(schedule__epochs=0, warmup__epochs=0), ValueError, r"nothing to train"),
+    (dict(sampler__samples_per_class=1, sampler__classes_per_batch=4), ValueError,
+     r"config.sampler.samples_per_class = 1: must exceed loss.anchors_per_class = 2"),
+    (dict(sampler__samples_per_class=2), ValueError,
+     r"samples_per_class = 2: must exceed .* every sample of a class an anchor"),
+    (dict(evals__ks=(1, 2, 5000)), ValueError,
+     r"config.evals.ks = \(1, 2, 5000\): K = 5000 exceeds the 895 items"),
+    (dict(selection__metric="recall@3"), ValueError,
+     r"config.selection.metric = 'recall@3': the 'test' evaluation \(retrieval\) computes"),
+    (dict(optimizer__b2=1.0), ValueError, r"config.optimizer.b2 = 1.0: must be in \[0, 1\)"),
+    (dict(checkpoint__every_steps=0), ValueError, r"config.checkpoint.every_steps = 0"),
+    (dict(loss__temperature=0.0), ValueError, r"config.loss.temperature = 0.0: must be > 0"),
 ])
 def test_invalid_configs_fail_before_compiling(overrides, error, match, tmp_path):
     with pytest.raises(error, match=match):
@@ -420,3 +304,22 @@ def test_fast_end_to_end_train_resume_and_evaluate(tmp_path):
     assert [r["name"] for r in report["rows"]] == ["plain", "flip TTA", "all: flip"]
     assert report["rows"][0]["metrics"]["recall@1"] == pytest.approx(
         results["test"]["recall@1"], abs=1e-6)
+
+
+def test_sigterm_while_the_loop_is_blocked_exits_after_the_timeout():
+    """A step or a data read that never returns cannot make the process deaf to SIGTERM:
+    the process exits with 143 once the preemption timeout has passed."""
+    import subprocess
+    import sys
+    import time
+    code = ("import os, signal, threading\n"
+            "from gl_jax import train\n"
+            "with train._Preemption(timeout_s=1.0):\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    threading.Event().wait()   # blocked for ever, like a read of a FIFO\n")
+    started = time.time()
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    assert "no checkpoint saved within 1 s of SIGTERM" in proc.stderr
+    assert time.time() - started < 60

@@ -26,7 +26,9 @@ def default_config(name: str = "digits") -> ml_collections.ConfigDict:
     c.crop_scale = (0.08, 1.0)     # torchvision RandomResizedCrop defaults
     c.crop_ratio = (3.0 / 4.0, 4.0 / 3.0)
     c.flip = True
-    c.skip_corrupt = False         # True: log a corrupt file, use another image of its class
+    c.skip_corrupt = False         # True: unreadable files are logged and left out
+    c.scan = "header"              # before training, every file: 'header' | 'full' | 'off'
+                                   # (gl_jax.data.scan: 'header' decodes cheaply)
     c.worker_count = 0             # grain worker processes; 0 = decode in this process
     c.read_threads = 2             # threads per process that prepare whole batches ahead
     c.prefetch_batches = 2         # batches prepared ahead per process
@@ -40,4 +42,5 @@ def default_sampler_config(name: str = "digits") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.classes_per_batch, c.samples_per_class = registry.get(name).batch
     c.mode = "official"            # | 'balanced'
+    c.undrawable = "error"         # classes the sampler can never draw: 'error' | 'warn'
     return c
