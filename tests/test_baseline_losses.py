@@ -378,6 +378,23 @@ def test_bad_proxy_input_raises(name, override, match):
         call(name, args["emb"], args["labels"], args["proxies"])
 
 
+@pytest.mark.parametrize("name", ["proxy_anchor", "normalized_softmax"])
+@pytest.mark.parametrize("bad", [-1, -3, 5, 9])
+def test_out_of_range_label_under_jit_is_nan(name, bad):
+    """Labels index the proxies; under jit they cannot be checked, so a label outside
+    [0, m) must poison the loss (NaN) instead of wrapping (-1 = the last proxy) or
+    silently belonging to no proxy."""
+    emb, labels, proxies = random_batch(4, classes=3, per_class=2, m=5)
+    labels = labels.copy()
+    f = jax.jit(lambda e, l, p: call(name, e, l, p))
+    assert np.isfinite(f(emb, labels, proxies)).all()
+    labels[2] = bad
+    got = np.asarray(f(emb, labels, proxies))
+    assert np.isnan(got.mean())
+    if name == "normalized_softmax":      # per example: only the bad row is NaN
+        assert np.isnan(got[2]) and np.isfinite(np.delete(got, 2)).all()
+
+
 @pytest.mark.parametrize("name,kw,match", [
     ("triplet", dict(margin=-0.1), "margin must be finite and >= 0"),
     ("contrastive", dict(neg_margin=0.0), "neg_margin must be finite and > 0"),

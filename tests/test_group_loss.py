@@ -305,7 +305,21 @@ def test_bad_input_raises(kwargs, match):
                           temperature=temperature)
 
 
-def test_out_of_range_label_under_jit_is_nan():
-    f = jax.jit(lambda lg, lb: losses.group_loss(lg, lb, jnp.zeros(3, bool)))
-    loss = f(jnp.zeros((3, 2)), jnp.array([0, 1, 5]))
-    assert np.isfinite(loss[:2]).all() and np.isnan(loss[2])
+@pytest.mark.parametrize("bad", [-1, -2, 2, 5])
+@pytest.mark.parametrize("anchored", [False, True])
+def test_out_of_range_label_under_jit_is_nan(bad, anchored):
+    """Under jit the labels cannot be checked: a label outside [0, m) must give NaN.
+
+    Negative labels are the trap: indexing wraps them like Python (-1 = the last class),
+    which would silently give a finite loss against the wrong class."""
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(4, 2)), jnp.float32)
+    feats = jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)
+    labels = jnp.array([0, 1, 0, bad])
+    anchors = jnp.array([True, False, False, anchored])
+    f = jax.jit(lambda lg, lb, a, e: losses.group_loss(lg, lb, a, e, temperature=2.0))
+    loss = f(logits, labels, anchors, feats)
+    assert np.isfinite(loss[:3]).all() and np.isnan(loss[3])
+    assert np.isnan(float(jnp.mean(loss)))
+    # The same call with an in-range label is finite everywhere (the NaN is the label's).
+    assert np.isfinite(f(logits, labels.at[3].set(1), anchors, feats)).all()

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from gl_jax.losses._pairwise import compute_dtype as _compute_dtype
 from gl_jax.losses._pairwise import check_label_range
 from gl_jax.losses._pairwise import concrete as _concrete
+from gl_jax.losses._pairwise import take_label_column
 
 # Centred rows whose squared norm is below this are treated as constant (their
 # correlation with anything else is undefined, 0/0). 1e-20 keeps every realistic
@@ -210,8 +211,8 @@ def group_loss(logits: jax.Array,
         ValueError: on wrong ranks or shapes, non-integer labels, non-boolean anchors, a
             non-positive temperature or, when the values are concrete (not under `jit`/`vmap`),
             labels outside `[0, m)`. Under `jit` the values cannot be checked: an
-            out-of-range label gives a NaN loss for its row (and so a NaN mean), which a
-            trainer's non-finite check catches.
+            out-of-range label (negative ones included) gives a NaN loss for its row (and
+            so a NaN mean), which a trainer's non-finite check catches.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -243,7 +244,6 @@ def group_loss(logits: jax.Array,
     similarity = pearson_similarity(features)
     probs = replicator_dynamics(similarity, probs, num_iterations)
 
-    # mode="fill" turns an out-of-range label (possible only under jit) into NaN, loudly.
-    true_prob = jnp.take_along_axis(
-        probs, labels[:, None].astype(jnp.int32), axis=1, mode="fill", fill_value=jnp.nan)[:, 0]
+    # An out-of-range label (possible only under jit) gives NaN for its row, loudly.
+    true_prob = take_label_column(probs, labels)
     return -jnp.log(true_prob + _LOG_EPS)

@@ -34,7 +34,7 @@ def normalized_softmax_loss(embeddings: jax.Array,
     Raises:
         ValueError: on wrong ranks or shapes, non-integer labels, a non-positive
             temperature or, when concrete, labels outside `[0, m)`. Under jit an
-            out-of-range label gives NaN for its row.
+            out-of-range label (negative ones included) gives NaN for its row.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -56,7 +56,4 @@ def normalized_softmax_loss(embeddings: jax.Array,
     w = _pairwise.l2_normalize(jnp.asarray(proxies, dtype))
     logits = (x @ w.T) / jnp.asarray(temperature, dtype)
     log_probs = jax.nn.log_softmax(logits, axis=-1)
-    labels = jnp.asarray(labels)
-    picked = jnp.take_along_axis(log_probs, labels[:, None].astype(jnp.int32), axis=1,
-                                 mode="fill", fill_value=jnp.nan)[:, 0]
-    return -picked
+    return -_pairwise.take_label_column(log_probs, labels)

@@ -78,6 +78,25 @@ def check_label_range(labels, m: int, source: str) -> None:
                 f"{values[bad][:5].tolist()} at positions {np.flatnonzero(bad)[:5].tolist()}.")
 
 
+def labels_in_range(labels: jax.Array, m: int) -> jax.Array:
+    """bool `[n]`: the label lies in [0, m)."""
+    labels = jnp.asarray(labels)
+    return (labels >= 0) & (labels < m)
+
+
+def take_label_column(values: jax.Array, labels: jax.Array) -> jax.Array:
+    """`values[i, labels[i]]` for `values` `[n, m]`, NaN where the label is outside [0, m).
+
+    Concrete labels are checked up front (`check_label_range`); this is what is left under
+    jit, where a bad label must show up as NaN. Indexing alone would not do it: jnp wraps
+    negative indices like Python, so -1 would silently pick the last class."""
+    m = values.shape[1]
+    labels = jnp.asarray(labels)
+    index = jnp.clip(labels, 0, max(m - 1, 0)).astype(jnp.int32)
+    picked = jnp.take_along_axis(values, index[:, None], axis=1)[:, 0]
+    return jnp.where(labels_in_range(labels, m), picked, jnp.nan)
+
+
 def check_positive(name: str, value) -> None:
     """A hyperparameter that must be finite and > 0 (checked when concrete)."""
     v = concrete(value)

@@ -45,7 +45,7 @@ def proxy_anchor_loss(embeddings: jax.Array,
     Raises:
         ValueError: on wrong ranks or shapes, non-integer labels, a non-positive alpha,
             a non-finite delta or, when concrete, labels outside `[0, m)`. Under jit an
-            out-of-range label simply belongs to no proxy.
+            out-of-range label (negative ones included) makes the loss NaN.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -74,4 +74,7 @@ def proxy_anchor_loss(embeddings: jax.Array,
     pos = _log1p_sum_exp(-alpha * (sim - delta), member)                # [m], 0 if absent
     neg = _log1p_sum_exp(alpha * (sim + delta), ~member)                 # [m]
     num_present = jnp.sum(jnp.any(member, axis=1))
-    return jnp.sum(pos) / jnp.maximum(num_present, 1) + jnp.mean(neg)
+    loss = jnp.sum(pos) / jnp.maximum(num_present, 1) + jnp.mean(neg)
+    # A label outside [0, m) (possible only under jit) would belong to no proxy and pass
+    # unnoticed: poison the batch's loss instead.
+    return jnp.where(jnp.all(_pairwise.labels_in_range(labels, num_classes)), loss, jnp.nan)
