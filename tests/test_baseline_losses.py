@@ -339,6 +339,36 @@ def test_degenerate_batches_finite_and_match_reference(name, case):
     np.testing.assert_allclose(float(value), expected, rtol=1e-4, atol=1e-5)
 
 
+NON_FINITE_CASES = [(name, kw) for name in LOSSES for kw in HPARAMS[name]]
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+@pytest.mark.parametrize("name,kw", NON_FINITE_CASES)
+def test_non_finite_embedding_gives_nan_loss(name, kw, value):
+    """A broken model must not be hidden: one NaN (or inf) entry in one embedding makes
+    the batch's loss NaN, eagerly and under jit. (Comparisons with NaN are False, so a
+    threshold or a mining rule could otherwise drop the pair and return a finite loss.)"""
+    emb, labels, proxies = random_batch(11)
+    emb = emb.astype(np.float32)
+    emb[4, 2] = value
+    eager = np.mean(call(name, emb, labels, proxies, **kw))
+    jitted = np.mean(jax.jit(lambda e: call(name, e, labels, proxies, **kw))(emb))
+    assert np.isnan(eager) and np.isnan(jitted)
+
+
+@pytest.mark.parametrize("name", ["triplet", "contrastive", "multi_similarity"])
+def test_nan_embedding_poisons_every_anchor_that_meets_it(name):
+    """Per anchor: in a P x K batch every anchor compares itself with every other sample
+    (as a positive or a negative candidate), so every per-anchor loss is NaN, and so is
+    the gradient."""
+    emb, labels, _ = random_batch(12, classes=3, per_class=3)
+    emb[0] = np.nan
+    got = np.asarray(call(name, emb, labels, None))
+    assert np.isnan(got).all()
+    grad = jax.grad(lambda e: jnp.mean(call(name, e, labels, None)))(jnp.asarray(emb))
+    assert np.isnan(np.asarray(grad)).any()
+
+
 def test_pair_losses_are_zero_without_pairs():
     emb = jnp.asarray(np.random.default_rng(0).normal(size=(4, 3)))
     one_class, singletons = jnp.zeros(4, jnp.int32), jnp.arange(4)
@@ -361,6 +391,26 @@ def test_bad_common_input_raises(name, override, match):
     args.update(override)
     with pytest.raises(ValueError, match=match):
         call(name, args["emb"], args["labels"], args["proxies"])
+
+
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_empty_batch_raises_naming_the_shape(name, jit):
+    """n = 0 has no loss to compute (a mean over nothing); say so instead of failing
+    inside a reduction (triplet, multi-similarity) or returning -inf / an empty array."""
+    emb, labels = np.zeros((0, 4), np.float32), np.zeros((0,), np.int32)
+    proxies = np.ones((3, 4), np.float32)
+    f = jax.jit(lambda e, l, p: call(name, e, l, p)) if jit else (
+        lambda e, l, p: call(name, e, l, p))
+    with pytest.raises(ValueError, match=r"embeddings must have at least one row .*\(0, 4\)"):
+        f(emb, labels, proxies)
+
+
+@pytest.mark.parametrize("name", ["proxy_anchor", "normalized_softmax"])
+def test_no_proxies_raises_naming_the_shape(name):
+    emb, labels, _ = random_batch(0)
+    with pytest.raises(ValueError, match=r"proxies must have at least one row .*\(0, 6\)"):
+        call(name, emb, labels, np.zeros((0, 6), np.float32))
 
 
 @pytest.mark.parametrize("name", ["proxy_anchor", "normalized_softmax"])

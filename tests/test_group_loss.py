@@ -323,3 +323,18 @@ def test_out_of_range_label_under_jit_is_nan(bad, anchored):
     assert np.isnan(float(jnp.mean(loss)))
     # The same call with an in-range label is finite everywhere (the NaN is the label's).
     assert np.isfinite(f(logits, labels.at[3].set(1), anchors, feats)).all()
+
+
+def test_nan_embedding_gives_nan_loss():
+    """A broken embedding must not be hidden by the constant-row guard of the similarity."""
+    logits, labels, anchors, feats = random_problem(3)
+    feats = np.array(feats, np.float32)
+    feats[2, 0] = np.nan
+    loss = jax.jit(lambda e: losses.group_loss(logits, labels, anchors, e, temperature=5.0))(feats)
+    assert np.isnan(float(jnp.mean(loss)))
+
+
+def test_empty_batch_raises_naming_the_shape():
+    with pytest.raises(ValueError, match=r"logits must have at least one row .*\(0, 3\)"):
+        losses.group_loss(np.zeros((0, 3), np.float32), np.zeros((0,), np.int32),
+                          np.zeros((0,), bool), np.zeros((0, 2), np.float32))

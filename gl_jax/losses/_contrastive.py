@@ -38,10 +38,11 @@ def contrastive_loss(embeddings: jax.Array,
 
     Returns:
         `[n]` per-anchor loss, float32 (float64 for float64 input); reduce with `jnp.mean`.
+        A NaN embedding is not hidden: every anchor compared with it gets NaN.
 
     Raises:
-        ValueError: on wrong ranks or shapes, non-integer labels or, when concrete, a
-            negative `pos_margin` or a non-positive `neg_margin`.
+        ValueError: on wrong ranks or shapes (n = 0 included), non-integer labels or, when
+            concrete, a negative `pos_margin` or a non-positive `neg_margin`.
 
     Example:
         >>> import jax, jax.numpy as jnp

@@ -139,6 +139,9 @@ def random_anchor_mask(key: jax.Array, labels: jax.Array, anchors_per_class: int
 def _validate(logits, labels, anchors, embeddings, temperature) -> None:
     _check_rank("logits", logits, 2, "[n, m]")
     n, m = jnp.shape(logits)
+    if n == 0:
+        raise ValueError(f"logits must have at least one row ([n, m] with n >= 1 samples), "
+                         f"got shape {jnp.shape(logits)}.")
     if not jnp.issubdtype(jnp.result_type(logits), jnp.floating):
         raise ValueError(f"logits must be floating point, got dtype {jnp.result_type(logits)}.")
     for name, x in (("labels", labels), ("anchors", anchors)):
@@ -208,9 +211,9 @@ def group_loss(logits: jax.Array,
         input is float64.
 
     Raises:
-        ValueError: on wrong ranks or shapes, non-integer labels, non-boolean anchors, a
-            non-positive temperature or, when the values are concrete (not under `jit`/`vmap`),
-            labels outside `[0, m)`. Under `jit` the values cannot be checked: an
+        ValueError: on wrong ranks or shapes (an empty batch included), non-integer
+            labels, non-boolean anchors, a non-positive temperature or, when the values are
+            concrete (not under `jit`/`vmap`), labels outside `[0, m)`. Under `jit` the values cannot be checked: an
             out-of-range label (negative ones included) gives a NaN loss for its row (and
             so a NaN mean), which a trainer's non-finite check catches.
 

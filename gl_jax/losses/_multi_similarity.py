@@ -50,10 +50,11 @@ def multi_similarity_loss(embeddings: jax.Array,
     Returns:
         `[n]` per-anchor loss, float32 (float64 for float64 input); reduce with `jnp.mean`
         (the paper averages over the batch).
+        A NaN embedding is not hidden: every anchor compared with it gets NaN.
 
     Raises:
-        ValueError: on wrong ranks or shapes, non-integer labels or, when concrete, a
-            non-positive `alpha`/`beta` or a non-finite `base`/`mining_margin`.
+        ValueError: on wrong ranks or shapes (n = 0 included), non-integer labels or, when
+            concrete, a non-positive `alpha`/`beta` or a non-finite `base`/`mining_margin`.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -83,8 +84,10 @@ def multi_similarity_loss(embeddings: jax.Array,
     # Cosines lie in [-1, 1]: +2 / -2 are neutral fills for the min / max.
     hardest_positive = jnp.min(jnp.where(positives, fixed, 2.0), axis=1, keepdims=True)
     hardest_negative = jnp.max(jnp.where(negatives, fixed, -2.0), axis=1, keepdims=True)
-    mined_negatives = negatives & (fixed > hardest_positive - eps)
-    mined_positives = positives & (fixed < hardest_negative + eps)
+    # Written as "not ruled out" rather than "passes": every comparison with NaN is False,
+    # and a pair with a NaN similarity must reach the loss (NaN) instead of being dropped.
+    mined_negatives = negatives & ~(fixed <= hardest_positive - eps)
+    mined_positives = positives & ~(fixed >= hardest_negative + eps)
 
     alpha = jnp.asarray(alpha, dtype)
     beta = jnp.asarray(beta, dtype)

@@ -32,8 +32,8 @@ def normalized_softmax_loss(embeddings: jax.Array,
         `[n]` per-example loss, float32 (float64 for float64 input); reduce with `jnp.mean`.
 
     Raises:
-        ValueError: on wrong ranks or shapes, non-integer labels, a non-positive
-            temperature or, when concrete, labels outside `[0, m)`. Under jit an
+        ValueError: on wrong ranks or shapes (n = 0 included), non-integer labels, a
+            non-positive temperature or, when concrete, labels outside `[0, m)`. Under jit an
             out-of-range label (negative ones included) gives NaN for its row.
 
     Example:

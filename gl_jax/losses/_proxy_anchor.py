@@ -43,9 +43,9 @@ def proxy_anchor_loss(embeddings: jax.Array,
         scalar loss, float32 (float64 for float64 input).
 
     Raises:
-        ValueError: on wrong ranks or shapes, non-integer labels, a non-positive alpha,
-            a non-finite delta or, when concrete, labels outside `[0, m)`. Under jit an
-            out-of-range label (negative ones included) makes the loss NaN.
+        ValueError: on wrong ranks or shapes (n = 0 included), non-integer labels, a
+            non-positive alpha, a non-finite delta or, when concrete, labels outside `[0, m)`.
+            Under jit an out-of-range label (negative ones included) makes the loss NaN.
 
     Example:
         >>> import jax, jax.numpy as jnp

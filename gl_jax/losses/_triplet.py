@@ -43,10 +43,11 @@ def batch_hard_triplet_loss(embeddings: jax.Array,
     Returns:
         `[n]` per-anchor loss, float32 (float64 for float64 input); reduce with `jnp.mean`
         (anchors without a triplet count as 0, as in the paper's average over the batch).
+        A NaN embedding is not hidden: every anchor compared with it gets NaN.
 
     Raises:
-        ValueError: on wrong ranks or shapes, non-integer labels or, when concrete, a
-            negative or non-finite margin.
+        ValueError: on wrong ranks or shapes (n = 0 included), non-integer labels or, when
+            concrete, a negative or non-finite margin.
 
     Example:
         >>> import jax, jax.numpy as jnp
