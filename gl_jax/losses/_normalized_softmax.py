@@ -21,6 +21,11 @@ def normalized_softmax_loss(embeddings: jax.Array,
         \ell_i = -\log \frac{\exp(\hat w_{y_i}^\top \hat x_i / T)}
                             {\sum_{c=1}^{m} \exp(\hat w_c^\top \hat x_i / T)}.
 
+    Which variant is the default, and why: there is one, the paper's. It equals
+    pytorch-metric-learning's `NormalizedSoftmaxLoss` (its `W` is `proxies.T`, `[d, m]`)
+    with its mean over the batch (tests/test_pml_parity.py). The paper's other training
+    choices belong to the model and the sampler, not to the loss.
+
     Args:
         embeddings: `[n, d]` floating array (normalised inside).
         labels: `[n]` integers in `[0, m)`.

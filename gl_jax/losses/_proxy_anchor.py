@@ -28,6 +28,10 @@ def proxy_anchor_loss(embeddings: jax.Array,
     the loss is not a sum over examples and no per-example split would be meaningful;
     like `optax.ntxent` it returns the batch's scalar loss.
 
+    Which variant is the default, and why: there is one. This is the paper's eq. (4) and
+    its code, and pytorch-metric-learning's `ProxyAnchorLoss` (whose `margin` is δ),
+    which computes the same value and gradients (tests/test_pml_parity.py).
+
     In the gl_jax trainer the proxies are the classifier's weights (`kernel.T`, `[m, d]`),
     so no extra parameters are needed. (The paper trains the proxies with a 100x larger
     learning rate; the trainer uses one learning rate for all parameters.)
