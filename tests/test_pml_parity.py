@@ -11,13 +11,13 @@ it differs. Our losses return per-example values that the registry reduces with
 reducer. Each test reduces our output the way the registry does and says which PML
 reducer that equals.
 
-| loss | PML default | ours, equal to it | paper variant (our default) in PML |
-|---|---|---|---|
-| triplet | all triplets, AvgNonZeroReducer | `triplets="all"` | BatchHardMiner + MeanReducer |
-| contrastive | plain hinges, AvgNonZeroReducer | `squared=False, average="nonzero_pairs"` | not expressible (see below) |
-| multi-similarity | no miner | `mining_margin >= 2` | MultiSimilarityMiner(epsilon) |
-| proxy-anchor | = paper | default | = |
-| normalised softmax | = paper | default | = |
+- triplet: PML's default (all triplets, AvgNonZeroReducer) = ours with `triplets="all"`;
+  the paper's batch-hard (our default) = PML's BatchHardMiner + MeanReducer.
+- contrastive: PML's default (plain hinges, AvgNonZeroReducer) = ours with
+  `squared=False, average="nonzero_pairs"`; Hadsell et al.'s (our default): not in PML.
+- multi-similarity: PML's default (no miner) = ours with `mining_margin >= 2`; the
+  paper's mining (our default) = PML's MultiSimilarityMiner(epsilon) + the loss.
+- proxy-anchor, normalised softmax: one variant, the paper's = PML's = ours.
 
 Exact differences that remain (each pinned by a test below):
 - triplet, batch-hard: PML's miner drops anchors without a positive or a negative and its

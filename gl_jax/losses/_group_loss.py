@@ -213,9 +213,10 @@ def group_loss(logits: jax.Array,
     Raises:
         ValueError: on wrong ranks or shapes (an empty batch included), non-integer
             labels, non-boolean anchors, a non-positive temperature or, when the values are
-            concrete (not under `jit`/`vmap`), labels outside `[0, m)`. Under `jit` the values cannot be checked: an
-            out-of-range label (negative ones included) gives a NaN loss for its row (and
-            so a NaN mean), which a trainer's non-finite check catches.
+            concrete (not under `jit`/`vmap`), labels outside `[0, m)`. Under `jit` the
+            values cannot be checked: an out-of-range label (negative ones included) gives
+            a NaN loss for its row (and so a NaN mean), which a trainer's non-finite check
+            catches.
 
     Example:
         >>> import jax, jax.numpy as jnp
