@@ -31,11 +31,27 @@ def _dist(a, b, squared=False):
     return d2 if squared else math.sqrt(d2)
 
 
-def ref_triplet(emb, labels, margin=0.2, soft_margin=False, normalize=True, squared=False):
-    """Hermans et al. eq. (5): [m + max_p D(a,p) - min_n D(a,n)]_+ (soft: log(1 + e^x))."""
+def ref_triplet(emb, labels, margin=0.2, soft_margin=False, normalize=True, squared=False,
+                triplets="batch_hard"):
+    """Hermans et al. eq. (5): [m + max_p D(a,p) - min_n D(a,n)]_+ (soft: log(1 + e^x)).
+
+    triplets="all": every (a, p, k), the batch loss averaged over the non-zero ones; each
+    anchor's share n * (its sum) / (number of non-zero triplets) is returned."""
     x = _unit(emb) if normalize else np.asarray(emb, np.float64)
     n = len(labels)
     out = np.zeros(n)
+    if triplets == "all":
+        nonzero = 0
+        for a in range(n):
+            for p in range(n):
+                for k in range(n):
+                    if p == a or labels[p] != labels[a] or labels[k] == labels[a]:
+                        continue
+                    gap = _dist(x[a], x[p], squared) - _dist(x[a], x[k], squared)
+                    loss = math.log1p(math.exp(gap)) if soft_margin else max(0.0, margin + gap)
+                    out[a] += loss
+                    nonzero += loss > 0
+        return n * out / max(nonzero, 1)
     for a in range(n):
         pos = [_dist(x[a], x[p], squared) for p in range(n) if p != a and labels[p] == labels[a]]
         neg = [_dist(x[a], x[k], squared) for k in range(n) if labels[k] != labels[a]]
@@ -46,23 +62,33 @@ def ref_triplet(emb, labels, margin=0.2, soft_margin=False, normalize=True, squa
     return out
 
 
-def ref_contrastive(emb, labels, pos_margin=0.0, neg_margin=0.5, normalize=True):
-    """Hadsell et al. eq. (4) with a positive margin, each anchor's pair sets averaged."""
+def ref_contrastive(emb, labels, pos_margin=0.0, neg_margin=0.5, normalize=True, squared=True,
+                    average="per_anchor"):
+    """Hadsell et al. eq. (4) with a positive margin, each anchor's pair sets averaged.
+
+    squared=False: plain hinges [D - m+]_+, [m- - D]_+. average="nonzero_pairs": positive
+    and negative costs each summed over the batch and divided by the number of that
+    kind's non-zero pairs; each anchor's share (n times its sums over the counts)."""
     x = _unit(emb) if normalize else np.asarray(emb, np.float64)
     n = len(labels)
-    out = np.zeros(n)
+    cost = (lambda h: 0.5 * max(0.0, h) ** 2) if squared else (lambda h: max(0.0, h))
+    pos, neg = [[] for _ in range(n)], [[] for _ in range(n)]
     for i in range(n):
-        pos, neg = [], []
         for j in range(n):
             if j == i:
                 continue
             d = _dist(x[i], x[j])
             if labels[j] == labels[i]:
-                pos.append(0.5 * max(0.0, d - pos_margin) ** 2)
+                pos[i].append(cost(d - pos_margin))
             else:
-                neg.append(0.5 * max(0.0, neg_margin - d) ** 2)
-        out[i] = (np.mean(pos) if pos else 0.0) + (np.mean(neg) if neg else 0.0)
-    return out
+                neg[i].append(cost(neg_margin - d))
+    if average == "nonzero_pairs":
+        pos_count = max(sum(c > 0 for row in pos for c in row), 1)
+        neg_count = max(sum(c > 0 for row in neg for c in row), 1)
+        return np.array([n * (sum(pos[i]) / pos_count + sum(neg[i]) / neg_count)
+                         for i in range(n)])
+    return np.array([(np.mean(pos[i]) if pos[i] else 0.0) + (np.mean(neg[i]) if neg[i] else 0.0)
+                     for i in range(n)])
 
 
 def ref_multi_similarity(emb, labels, alpha=2.0, beta=50.0, base=0.5, mining_margin=0.1,
@@ -138,9 +164,14 @@ LOSSES = {
 
 HPARAMS = {
     "triplet": [dict(), dict(margin=0.5, squared=True), dict(soft_margin=True),
-                dict(normalize=False, margin=1.0)],
+                dict(normalize=False, margin=1.0), dict(triplets="all"),
+                dict(triplets="all", margin=0.05, soft_margin=True)],
     "contrastive": [dict(), dict(pos_margin=0.3, neg_margin=1.2), dict(normalize=False,
-                                                                     neg_margin=3.0)],
+                                                                     neg_margin=3.0),
+                    dict(squared=False, average="nonzero_pairs", pos_margin=0.3,
+                         neg_margin=1.2),
+                    dict(average="nonzero_pairs", pos_margin=0.2, neg_margin=1.0),
+                    dict(squared=False, neg_margin=1.0)],
     "multi_similarity": [dict(), dict(alpha=1.0, beta=10.0, base=0.2, mining_margin=0.3),
                          dict(mining_margin=5.0)],
     "proxy_anchor": [dict(), dict(alpha=4.0, delta=0.3)],
@@ -252,7 +283,10 @@ def test_normalized_softmax_is_cross_entropy_of_cosines():
 @pytest.mark.parametrize("name,kw", [
     ("triplet", dict(soft_margin=True)),
     ("triplet", dict(margin=0.3)),
+    ("triplet", dict(triplets="all", margin=0.3)),
     ("contrastive", dict(pos_margin=0.1, neg_margin=1.5)),
+    ("contrastive", dict(pos_margin=0.1, neg_margin=1.5, squared=False,
+                         average="nonzero_pairs")),
     ("multi_similarity", dict(alpha=2.0, beta=10.0)),
     ("proxy_anchor", dict(alpha=4.0)),
     ("normalized_softmax", dict(temperature=0.5)),
@@ -339,6 +373,36 @@ def test_degenerate_batches_finite_and_match_reference(name, case):
     np.testing.assert_allclose(float(value), expected, rtol=1e-4, atol=1e-5)
 
 
+NON_FINITE_CASES = [(name, kw) for name in LOSSES for kw in HPARAMS[name]]
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+@pytest.mark.parametrize("name,kw", NON_FINITE_CASES)
+def test_non_finite_embedding_gives_nan_loss(name, kw, value):
+    """A broken model must not be hidden: one NaN (or inf) entry in one embedding makes
+    the batch's loss NaN, eagerly and under jit. (Comparisons with NaN are False, so a
+    threshold or a mining rule could otherwise drop the pair and return a finite loss.)"""
+    emb, labels, proxies = random_batch(11)
+    emb = emb.astype(np.float32)
+    emb[4, 2] = value
+    eager = np.mean(call(name, emb, labels, proxies, **kw))
+    jitted = np.mean(jax.jit(lambda e: call(name, e, labels, proxies, **kw))(emb))
+    assert np.isnan(eager) and np.isnan(jitted)
+
+
+@pytest.mark.parametrize("name", ["triplet", "contrastive", "multi_similarity"])
+def test_nan_embedding_poisons_every_anchor_that_meets_it(name):
+    """Per anchor: in a P x K batch every anchor compares itself with every other sample
+    (as a positive or a negative candidate), so every per-anchor loss is NaN, and so is
+    the gradient."""
+    emb, labels, _ = random_batch(12, classes=3, per_class=3)
+    emb[0] = np.nan
+    got = np.asarray(call(name, emb, labels, None))
+    assert np.isnan(got).all()
+    grad = jax.grad(lambda e: jnp.mean(call(name, e, labels, None)))(jnp.asarray(emb))
+    assert np.isnan(np.asarray(grad)).any()
+
+
 def test_pair_losses_are_zero_without_pairs():
     emb = jnp.asarray(np.random.default_rng(0).normal(size=(4, 3)))
     one_class, singletons = jnp.zeros(4, jnp.int32), jnp.arange(4)
@@ -363,6 +427,26 @@ def test_bad_common_input_raises(name, override, match):
         call(name, args["emb"], args["labels"], args["proxies"])
 
 
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_empty_batch_raises_naming_the_shape(name, jit):
+    """n = 0 has no loss to compute (a mean over nothing); say so instead of failing
+    inside a reduction (triplet, multi-similarity) or returning -inf / an empty array."""
+    emb, labels = np.zeros((0, 4), np.float32), np.zeros((0,), np.int32)
+    proxies = np.ones((3, 4), np.float32)
+    f = jax.jit(lambda e, l, p: call(name, e, l, p)) if jit else (
+        lambda e, l, p: call(name, e, l, p))
+    with pytest.raises(ValueError, match=r"embeddings must have at least one row .*\(0, 4\)"):
+        f(emb, labels, proxies)
+
+
+@pytest.mark.parametrize("name", ["proxy_anchor", "normalized_softmax"])
+def test_no_proxies_raises_naming_the_shape(name):
+    emb, labels, _ = random_batch(0)
+    with pytest.raises(ValueError, match=r"proxies must have at least one row .*\(0, 6\)"):
+        call(name, emb, labels, np.zeros((0, 6), np.float32))
+
+
 @pytest.mark.parametrize("name", ["proxy_anchor", "normalized_softmax"])
 @pytest.mark.parametrize("override,match", [
     (dict(proxies=np.ones((3,), np.float32)), "proxies must have rank 2"),
@@ -378,10 +462,29 @@ def test_bad_proxy_input_raises(name, override, match):
         call(name, args["emb"], args["labels"], args["proxies"])
 
 
+@pytest.mark.parametrize("name", ["proxy_anchor", "normalized_softmax"])
+@pytest.mark.parametrize("bad", [-1, -3, 5, 9])
+def test_out_of_range_label_under_jit_is_nan(name, bad):
+    """Labels index the proxies; under jit they cannot be checked, so a label outside
+    [0, m) must poison the loss (NaN) instead of wrapping (-1 = the last proxy) or
+    silently belonging to no proxy."""
+    emb, labels, proxies = random_batch(4, classes=3, per_class=2, m=5)
+    labels = labels.copy()
+    f = jax.jit(lambda e, l, p: call(name, e, l, p))
+    assert np.isfinite(f(emb, labels, proxies)).all()
+    labels[2] = bad
+    got = np.asarray(f(emb, labels, proxies))
+    assert np.isnan(got.mean())
+    if name == "normalized_softmax":      # per example: only the bad row is NaN
+        assert np.isnan(got[2]) and np.isfinite(np.delete(got, 2)).all()
+
+
 @pytest.mark.parametrize("name,kw,match", [
     ("triplet", dict(margin=-0.1), "margin must be finite and >= 0"),
     ("contrastive", dict(neg_margin=0.0), "neg_margin must be finite and > 0"),
     ("contrastive", dict(pos_margin=-1.0), "pos_margin must be finite and >= 0"),
+    ("contrastive", dict(average="mean"), "average must be 'per_anchor' or 'nonzero_pairs'"),
+    ("triplet", dict(triplets="hard"), "triplets must be 'batch_hard' or 'all'"),
     ("multi_similarity", dict(beta=0.0), "beta must be finite and > 0"),
     ("multi_similarity", dict(base=float("nan")), "base must be finite"),
     ("proxy_anchor", dict(alpha=-1.0), "alpha must be finite and > 0"),

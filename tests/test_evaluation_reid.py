@@ -1,4 +1,5 @@
 """Re-identification metrics: golden case by hand and a brute-force NumPy reference."""
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -100,6 +101,18 @@ def test_precomputed_distances_are_used():
     assert a == b
     with pytest.raises(ValueError, match="distances .* NaN or inf"):
         reid_metrics(None, qi, qc, None, gi, gc, distances=np.where(dist > 5, np.nan, dist))
+
+
+def test_bfloat16_embeddings_and_distances_give_the_float32_results():
+    (q, qi, qc), (g, gi, gc) = golden_setup()
+    q16, g16 = q.astype(ml_dtypes.bfloat16), g.astype(ml_dtypes.bfloat16)
+    want = reid_metrics(q16.astype(np.float32), qi, qc, g16.astype(np.float32), gi, gc,
+                        ranks=(1, 2), normalize=False)
+    assert reid_metrics(q16, qi, qc, g16, gi, gc, ranks=(1, 2), normalize=False) == want
+    dist = np.abs(q[:, :1] - g[:, 0][None, :]).astype(ml_dtypes.bfloat16)
+    assert (reid_metrics(None, qi, qc, None, gi, gc, ranks=(1,), distances=dist)
+            == reid_metrics(None, qi, qc, None, gi, gc, ranks=(1,),
+                            distances=dist.astype(np.float32)))
 
 
 def test_bad_inputs():

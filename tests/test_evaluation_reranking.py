@@ -1,4 +1,5 @@
 """k-reciprocal re-ranking against a direct dense transcription of Zhong et al. (2017)."""
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -62,6 +63,13 @@ def test_query_gallery_matches_dense_reference():
     assert expansions > 0 and min_jaccard < 0.5  # expansion and overlaps were exercised
     assert ours.shape == (20, 55) and ours.dtype == np.float32
     np.testing.assert_allclose(ours, ref, atol=2e-5)
+
+
+def test_bfloat16_embeddings_give_the_float32_result():
+    x, _ = clustered(40, 4, seed=3)
+    x16 = jnp.asarray(x, jnp.bfloat16)
+    want = k_reciprocal_rerank(np.asarray(x16.astype(jnp.float32)), k1=6, k2=2)
+    np.testing.assert_array_equal(k_reciprocal_rerank(x16, k1=6, k2=2), want)
 
 
 @pytest.mark.parametrize("k2", [1, 4])

@@ -1,6 +1,8 @@
 """Retrieval metrics and NMI: hand-computed golden cases and a brute-force NumPy reference."""
 import math
 
+import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -172,6 +174,28 @@ def test_nmi_faiss_backend_agrees_on_clear_clusters():
         nmi(two_blobs(), labels, backend="sklearn"), abs=1e-9)
 
 
+# --- dtypes --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("to_bf16", [
+    lambda x: jnp.asarray(x, jnp.bfloat16),              # a model's bfloat16 output
+    lambda x: np.asarray(x).astype(ml_dtypes.bfloat16),  # the same, on the host
+], ids=["jax", "numpy"])
+def test_bfloat16_embeddings_give_the_float32_results(to_bf16):
+    """A model run in bfloat16 hands over bfloat16 embeddings: they are computed in float32,
+    so the metrics equal those of the same values given as float32."""
+    x = exact_ternary(60, seed=11)                 # +-1 and 0: exact in bfloat16
+    y = np.random.default_rng(12).integers(0, 6, 60)
+    x16 = to_bf16(x)
+    assert retrieval_metrics(x16, y, (1, 4)) == retrieval_metrics(x, y, (1, 4))
+    assert (retrieval_metrics_query_gallery(x16[:20], y[:20], x16[20:], y[20:], (1, 4))
+            == retrieval_metrics_query_gallery(x[:20], y[:20], x[20:], y[20:], (1, 4)))
+    assert nmi(x16, y) == nmi(x, y)
+    for got, want in zip(knn(x16, k=5), knn(x, k=5)):
+        np.testing.assert_array_equal(got, want)
+    dist, _ = knn(x16[:20], x16[20:], k=3)
+    assert dist.dtype == np.float32
+
+
 # --- bad input -----------------------------------------------------------------------------
 
 def test_bad_inputs_raise_value_errors_naming_the_problem():
@@ -193,6 +217,8 @@ def test_bad_inputs_raise_value_errors_naming_the_problem():
         retrieval_metrics_query_gallery(x, y, x[:5], y[:5], ks=(1, 10))
     with pytest.raises(ValueError, match="gallery_labels has length 4"):
         retrieval_metrics_query_gallery(x, y, x[:5], y[:4], ks=(1,))
+    with pytest.raises(ValueError, match="embeddings must be numeric; got dtype complex64"):
+        retrieval_metrics(x.astype(np.complex64), y, nmi=False)
     with pytest.raises(ValueError, match="num_clusters"):
         nmi(x, y, num_clusters=21)
     with pytest.raises(ValueError, match="backend"):

@@ -305,7 +305,36 @@ def test_bad_input_raises(kwargs, match):
                           temperature=temperature)
 
 
-def test_out_of_range_label_under_jit_is_nan():
-    f = jax.jit(lambda lg, lb: losses.group_loss(lg, lb, jnp.zeros(3, bool)))
-    loss = f(jnp.zeros((3, 2)), jnp.array([0, 1, 5]))
-    assert np.isfinite(loss[:2]).all() and np.isnan(loss[2])
+@pytest.mark.parametrize("bad", [-1, -2, 2, 5])
+@pytest.mark.parametrize("anchored", [False, True])
+def test_out_of_range_label_under_jit_is_nan(bad, anchored):
+    """Under jit the labels cannot be checked: a label outside [0, m) must give NaN.
+
+    Negative labels are the trap: indexing wraps them like Python (-1 = the last class),
+    which would silently give a finite loss against the wrong class."""
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(4, 2)), jnp.float32)
+    feats = jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)
+    labels = jnp.array([0, 1, 0, bad])
+    anchors = jnp.array([True, False, False, anchored])
+    f = jax.jit(lambda lg, lb, a, e: losses.group_loss(lg, lb, a, e, temperature=2.0))
+    loss = f(logits, labels, anchors, feats)
+    assert np.isfinite(loss[:3]).all() and np.isnan(loss[3])
+    assert np.isnan(float(jnp.mean(loss)))
+    # The same call with an in-range label is finite everywhere (the NaN is the label's).
+    assert np.isfinite(f(logits, labels.at[3].set(1), anchors, feats)).all()
+
+
+def test_nan_embedding_gives_nan_loss():
+    """A broken embedding must not be hidden by the constant-row guard of the similarity."""
+    logits, labels, anchors, feats = random_problem(3)
+    feats = np.array(feats, np.float32)
+    feats[2, 0] = np.nan
+    loss = jax.jit(lambda e: losses.group_loss(logits, labels, anchors, e, temperature=5.0))(feats)
+    assert np.isnan(float(jnp.mean(loss)))
+
+
+def test_empty_batch_raises_naming_the_shape():
+    with pytest.raises(ValueError, match=r"logits must have at least one row .*\(0, 3\)"):
+        losses.group_loss(np.zeros((0, 3), np.float32), np.zeros((0,), np.int32),
+                          np.zeros((0,), bool), np.zeros((0, 2), np.float32))

@@ -146,3 +146,15 @@ def test_missing_inputs_raise():
     # Pure metric losses need no logits at all.
     total, parts = registry.metric_loss("triplet", embeddings=emb, logits=None, labels=labels)
     assert set(parts) == {"triplet", "loss"}
+
+
+@pytest.mark.parametrize("bad", [-1, 4])
+def test_out_of_range_label_under_jit_makes_ce_nan(bad):
+    """The cross-entropy term indexes the logits: a label outside [0, m) must give NaN
+    under jit, not wrap to the last class (-1)."""
+    emb, logits, labels, _ = _batch()            # m = 4 logits
+    f = jax.jit(lambda z, y: registry.metric_loss("triplet", embeddings=emb, logits=z,
+                                                  labels=y, ce_weight=1.0)[1])
+    assert np.isfinite(float(f(logits, labels)["ce"]))
+    parts = f(logits, labels.at[0].set(bad))
+    assert np.isnan(float(parts["ce"])) and np.isnan(float(parts["loss"]))

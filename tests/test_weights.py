@@ -338,6 +338,145 @@ def test_reader_rejects_bad_files(tmp_path):
 
 
 # --------------------------------------------------------------------------------------
+# Zip bombs: an entry must not be inflated past what it may hold
+# --------------------------------------------------------------------------------------
+
+_MIB = 1 << 20
+
+
+def _zeros_entry(archive: zipfile.ZipFile, name: str, nbytes: int, method=zipfile.ZIP_DEFLATED):
+    """A deflated entry of `nbytes` zeros, written in 1 MiB pieces (never whole in memory)."""
+    info = zipfile.ZipInfo(name)
+    info.compress_type = method
+    chunk = bytes(_MIB)
+    with archive.open(info, "w") as f:
+        for start in range(0, nbytes, _MIB):
+            f.write(chunk[:min(_MIB, nbytes - start)])
+
+
+def write_bomb(path, *, storage_bytes=0, pickle_bytes=0, numel=4, method=zipfile.ZIP_DEFLATED):
+    """A torch zip file for {"w": float32 tensor of 4 over a storage of `numel`} whose
+    storage record (or object pickle) is `storage_bytes` (`pickle_bytes`) of zeros."""
+    storage = FakeStorage.__new__(FakeStorage)          # a pid claiming `numel` elements,
+    storage.flat = np.broadcast_to(np.float32(0), (numel,))   # without allocating them
+    writer = PickleWriter(legacy=False)
+    data = writer.dumps({"w": FakeTensor(storage, 0, (4,), (1,))})
+    with zipfile.ZipFile(path, "w") as archive:
+        if pickle_bytes:
+            _zeros_entry(archive, "archive/data.pkl", pickle_bytes)
+        else:
+            archive.writestr("archive/data.pkl", data)
+        archive.writestr("archive/byteorder", "little")
+        if storage_bytes:
+            _zeros_entry(archive, "archive/data/0", storage_bytes, method)
+        else:
+            archive.writestr("archive/data/0", np.arange(numel, dtype="<f4").tobytes())
+    return str(path)
+
+
+def declare_size(path, name: str, size: int) -> None:
+    """Make the zip headers (local and central) of entry `name` lie about its size."""
+    blob = bytearray(open(path, "rb").read())
+    with zipfile.ZipFile(path) as archive:
+        offset = archive.getinfo(name).header_offset
+    assert blob[offset:offset + 4] == b"PK\x03\x04"
+    struct.pack_into("<I", blob, offset + 22, size)          # local header: uncompressed size
+    encoded = name.encode()
+    central = blob.find(b"PK\x01\x02")
+    while central >= 0:
+        name_length = struct.unpack_from("<H", blob, central + 28)[0]
+        if bytes(blob[central + 46:central + 46 + name_length]) == encoded:
+            struct.pack_into("<I", blob, central + 24, size)  # central: uncompressed size
+            break
+        central = blob.find(b"PK\x01\x02", central + 4)
+    else:
+        raise AssertionError(f"no central directory entry for {name}")
+    open(path, "wb").write(bytes(blob))
+
+
+def _peak_bytes(fn) -> int:
+    import tracemalloc
+    tracemalloc.start()
+    try:
+        fn()
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak
+
+
+def test_the_bomb_helper_writes_a_readable_file(tmp_path):
+    """Without a bomb, write_bomb's file reads back (the tests below change one thing)."""
+    path = write_bomb(tmp_path / "ok.pth", numel=6)
+    np.testing.assert_array_equal(weights.load_state_dict(path)["w"], [0, 1, 2, 3])
+
+
+def test_zip_bomb_storage_is_refused_before_inflating(tmp_path):
+    """64 MiB of zeros deflate to about 64 KiB; the pid says 4 floats (16 bytes). The
+    declared size is compared before inflating, so the reader never holds the 64 MiB."""
+    path = write_bomb(tmp_path / "bomb.pth", storage_bytes=64 * _MIB)
+    assert os.path.getsize(path) < _MIB
+    with pytest.raises(ValueError, match=r"archive/data/0 declares 67108864 bytes, more than "
+                                         r"the 16 it may hold"):
+        weights.load_state_dict(path)
+    peak = _peak_bytes(lambda: pytest.raises(ValueError, weights.load_state_dict, path))
+    assert peak < 4 * _MIB, peak
+
+
+def test_zip_bomb_with_a_lying_header_inflates_no_more_than_declared(tmp_path):
+    """The header claims the 16 bytes the pid expects; the data inflate to 64 MiB. The
+    bounded read stops after the limit (the CRC then fails): memory stays small."""
+    path = write_bomb(tmp_path / "liar.pth", storage_bytes=64 * _MIB)
+    declare_size(path, "archive/data/0", 16)
+    with pytest.raises(ValueError, match="liar.pth"):
+        weights.load_state_dict(path)
+    peak = _peak_bytes(lambda: pytest.raises(ValueError, weights.load_state_dict, path))
+    assert peak < 4 * _MIB, peak
+
+
+def test_zip_bomb_object_pickle_is_refused_before_inflating(tmp_path, monkeypatch):
+    from gl_jax.weights import torch_reader
+    monkeypatch.setattr(torch_reader, "MAX_PICKLE_BYTES", 4 * _MIB)
+    path = write_bomb(tmp_path / "pkl.pth", pickle_bytes=32 * _MIB)
+    with pytest.raises(ValueError, match=r"object pickle archive/data.pkl declares 33554432 "
+                                         r"bytes, more than the 4194304"):
+        weights.load_state_dict(path)
+    peak = _peak_bytes(lambda: pytest.raises(ValueError, weights.load_state_dict, path))
+    assert peak < 2 * _MIB, peak
+
+
+def test_zip_bomb_whose_pid_claims_the_size_is_refused_by_its_ratio(tmp_path):
+    """A pid may claim a huge storage too (16 Mi floats = 64 MiB of zeros, declared
+    honestly): deflated 1000-fold, no weights file looks like that."""
+    path = write_bomb(tmp_path / "ratio.pth", storage_bytes=64 * _MIB, numel=16 * _MIB)
+    with pytest.raises(ValueError, match=r"would inflate \d+ bytes to 67108864, more than "
+                                         r"100-fold"):
+        weights.load_state_dict(path)
+    peak = _peak_bytes(lambda: pytest.raises(ValueError, weights.load_state_dict, path))
+    assert peak < 4 * _MIB, peak
+
+
+def test_bzip2_entries_are_refused(tmp_path):
+    """zipfile inflates bzip2/lzma without an output bound: such entries are not read."""
+    path = write_bomb(tmp_path / "bz.pth", storage_bytes=16, method=zipfile.ZIP_BZIP2)
+    with pytest.raises(ValueError, match=r"compression method 12; only stored \(0\) and "
+                                         r"deflated \(8\)"):
+        weights.load_state_dict(path)
+
+
+def test_deflated_weights_file_still_reads(tmp_path):
+    """A genuine file re-zipped with deflate (random weights barely compress) loads."""
+    values = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    plain = write_torch_file(tmp_path / "plain.pth", {"w": values})
+    deflated = tmp_path / "deflated.pth"
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(deflated, "w",
+                                                        zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info.filename))
+    np.testing.assert_array_equal(weights.load_state_dict(deflated)["w"], values)
+
+
+# --------------------------------------------------------------------------------------
 # Reference state dicts, written from the PyTorch architectures (not from gl_jax.models)
 # --------------------------------------------------------------------------------------
 

@@ -7,11 +7,15 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import jax.numpy as jnp
 import numpy as np
 
 
 def as_embeddings(name: str, x) -> np.ndarray:
-    """Returns `x` as a finite float32 host array of shape (n, d), n >= 1, d >= 1."""
+    """Returns `x` as a finite float32 host array of shape (n, d), n >= 1, d >= 1.
+
+    Any real floating dtype (bfloat16 included) or integer dtype is accepted; metrics are
+    computed in float32."""
     if x is None:
         raise ValueError(f"{name} is None; expected an array of shape (n, d).")
     x = np.asarray(x)
@@ -21,9 +25,7 @@ def as_embeddings(name: str, x) -> np.ndarray:
         raise ValueError(f"{name} is empty (shape {x.shape}); at least one row is needed.")
     if x.shape[1] == 0:
         raise ValueError(f"{name} has zero dimensions (shape {x.shape}).")
-    if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
-        raise ValueError(f"{name} must be numeric; got dtype {x.dtype}.")
-    x = x.astype(np.float32, copy=False)
+    x = to_float32(name, x)
     finite = np.isfinite(x)
     if not finite.all():
         bad_rows = np.flatnonzero(~finite.all(axis=1))
@@ -31,6 +33,16 @@ def as_embeddings(name: str, x) -> np.ndarray:
             f"{name} (shape {x.shape}) contains {int((~finite).sum())} NaN or inf values, in "
             f"{bad_rows.size} rows (first: {bad_rows[:5].tolist()}).")
     return x
+
+
+def to_float32(name: str, x: np.ndarray) -> np.ndarray:
+    """`x` as float32: real floats of any width (bfloat16 and float16 from a model run in
+    low precision included) and integers; ValueError naming the dtype otherwise."""
+    # np.issubdtype does not know ml_dtypes' bfloat16 (its numpy kind is 'V');
+    # jnp.issubdtype does.
+    if not (jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.integer)):
+        raise ValueError(f"{name} must be numeric; got dtype {x.dtype}.")
+    return x.astype(np.float32, copy=False)
 
 
 def as_query_gallery(query, gallery) -> tuple[np.ndarray, np.ndarray]:

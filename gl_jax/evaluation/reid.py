@@ -100,6 +100,7 @@ def reid_metrics(query_embeddings, query_ids, query_cameras, gallery_embeddings,
             raise ValueError(
                 f"distances must have shape (n_query, n_gallery) with n_gallery >= 1; got "
                 f"{distances.shape}.")
+        distances = _checks.to_float32("distances", distances)
         if not np.isfinite(distances).all():
             raise ValueError(f"distances (shape {distances.shape}) contains NaN or inf values.")
         n_query, n_gallery = distances.shape

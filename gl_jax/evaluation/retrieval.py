@@ -168,7 +168,8 @@ def retrieval_metrics(embeddings, labels, ks: Sequence[int] = (1, 2, 4, 8), *,
     """Retrieval metrics where every item queries all the others (CUB, Cars, SOP protocol).
 
     Args:
-        embeddings: (n, d) numpy or jax array, finite.
+        embeddings: (n, d) numpy or jax array, finite; any real dtype (bfloat16 included),
+            computed in float32.
         labels: (n,) class labels (any dtype np.unique can sort).
         ks: cut-offs for recall@K, each <= n - 1. CUB/Cars (1, 2, 4, 8); SOP (1, 10, 100, 1000).
         nmi: also compute NMI (k-means with k = number of classes, see

@@ -12,7 +12,9 @@ def contrastive_loss(embeddings: jax.Array,
                      *,
                      pos_margin: float | jax.Array = 0.0,
                      neg_margin: float | jax.Array = 0.5,
-                     normalize: bool = True) -> jax.Array:
+                     normalize: bool = True,
+                     squared: bool = True,
+                     average: str = "per_anchor") -> jax.Array:
     r"""Per-anchor contrastive loss over every pair of the batch.
 
     Hadsell et al. define, for a pair at Euclidean distance `D`,
@@ -28,6 +30,27 @@ def contrastive_loss(embeddings: jax.Array,
     not swamped by its many negatives; an empty set contributes 0. Every pair appears
     twice (once per end), which doubles both terms alike.
 
+    pytorch-metric-learning's default `ContrastiveLoss` is another variant, available
+    here with `squared=False, average="nonzero_pairs"`: plain hinges on the distance,
+    :math:`[D_{ip} - m_+]_+` and :math:`[m_- - D_{ik}]_+` (no square, no 1/2), and each
+    kind of pair averaged over the batch's pairs of that kind with a non-zero loss
+    (its `AvgNonZeroReducer`):
+
+    .. math::
+        L = \frac{\sum_{(i, p)} c^+_{ip}}{|\{(i, p): c^+_{ip} > 0\}|}
+          + \frac{\sum_{(i, k)} c^-_{ik}}{|\{(i, k): c^-_{ik} > 0\}|}.
+
+    That is not a sum over anchors, so with `average="nonzero_pairs"` each anchor returns
+    its share (its pairs' costs times `n` over the counts) and `jnp.mean` of the output
+    is `L`. `squared` and `average` can be combined freely.
+
+    Which variant is the default, and why: Hadsell et al.'s squared hinges, averaged per
+    anchor (above): the paper's loss, with a balance of positives and negatives that does
+    not depend on how many pairs happen to be violated. PML cannot compute the squared
+    negative term (`[m - D]_+^2`; squaring its distance gives `[m - D^2]_+`), so the
+    default is tested against the NumPy reference in tests/test_baseline_losses.py and
+    the PML variant against PML in tests/test_pml_parity.py.
+
     Args:
         embeddings: `[n, d]` floating array (bfloat16/float16 are computed in float32).
         labels: `[n]` integer labels (only equality is used).
@@ -35,13 +58,17 @@ def contrastive_loss(embeddings: jax.Array,
         neg_margin: m- > 0, negative pairs farther than this cost nothing. 0.5 suits
             L2-normalised embeddings (distances in [0, 2]).
         normalize: L2-normalise the embeddings first (a zero row stays zero).
+        squared: True: Hadsell et al.'s :math:`\tfrac12 [\cdot]_+^2`; False: the plain
+            hinge :math:`[\cdot]_+` (PML's).
+        average: "per_anchor" (default, above) or "nonzero_pairs" (PML's reduction).
 
     Returns:
         `[n]` per-anchor loss, float32 (float64 for float64 input); reduce with `jnp.mean`.
+        A NaN embedding is not hidden: every anchor compared with it gets NaN.
 
     Raises:
-        ValueError: on wrong ranks or shapes, non-integer labels or, when concrete, a
-            negative `pos_margin` or a non-positive `neg_margin`.
+        ValueError: on wrong ranks or shapes (n = 0 included), non-integer labels or, when
+            concrete, a negative `pos_margin` or a non-positive `neg_margin`.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -57,6 +84,8 @@ def contrastive_loss(embeddings: jax.Array,
     _pairwise.check_embeddings_and_labels(embeddings, labels)
     _pairwise.check_nonnegative("pos_margin", pos_margin)
     _pairwise.check_positive("neg_margin", neg_margin)
+    if average not in ("per_anchor", "nonzero_pairs"):
+        raise ValueError(f"average must be 'per_anchor' or 'nonzero_pairs', got {average!r}.")
     dtype = _pairwise.compute_dtype(embeddings)
     x = jnp.asarray(embeddings, dtype)
     if normalize:
@@ -64,12 +93,27 @@ def contrastive_loss(embeddings: jax.Array,
     dist = _pairwise.pairwise_distances(x)
     positives, negatives = _pairwise.class_masks(labels)
 
-    pos_cost = jnp.square(jax.nn.relu(dist - jnp.asarray(pos_margin, dtype)))
-    neg_cost = jnp.square(jax.nn.relu(jnp.asarray(neg_margin, dtype) - dist))
+    def hinge(x):
+        h = jax.nn.relu(x)
+        return 0.5 * jnp.square(h) if squared else h
+
+    pos_cost = hinge(dist - jnp.asarray(pos_margin, dtype))
+    neg_cost = hinge(jnp.asarray(neg_margin, dtype) - dist)
+
+    if average == "nonzero_pairs":
+        n = dist.shape[0]
+
+        def share(cost, mask):
+            cost = jnp.where(mask, cost, 0.0)
+            # Which pairs are non-zero is piecewise constant: no gradient through the count.
+            nonzero = jax.lax.stop_gradient(jnp.sum(mask & (cost > 0)))
+            return n * jnp.sum(cost, axis=1) / jnp.maximum(nonzero, 1).astype(dtype)
+
+        return share(pos_cost, positives) + share(neg_cost, negatives)
 
     def masked_mean(cost, mask):
         count = jnp.sum(mask, axis=1)
         total = jnp.sum(jnp.where(mask, cost, 0.0), axis=1)
         return jnp.where(count > 0, total / jnp.maximum(count, 1), 0.0)
 
-    return 0.5 * masked_mean(pos_cost, positives) + 0.5 * masked_mean(neg_cost, negatives)
+    return masked_mean(pos_cost, positives) + masked_mean(neg_cost, negatives)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from gl_jax.losses._pairwise import compute_dtype as _compute_dtype
 from gl_jax.losses._pairwise import check_label_range
 from gl_jax.losses._pairwise import concrete as _concrete
+from gl_jax.losses._pairwise import take_label_column
 
 # Centred rows whose squared norm is below this are treated as constant (their
 # correlation with anything else is undefined, 0/0). 1e-20 keeps every realistic
@@ -138,6 +139,9 @@ def random_anchor_mask(key: jax.Array, labels: jax.Array, anchors_per_class: int
 def _validate(logits, labels, anchors, embeddings, temperature) -> None:
     _check_rank("logits", logits, 2, "[n, m]")
     n, m = jnp.shape(logits)
+    if n == 0:
+        raise ValueError(f"logits must have at least one row ([n, m] with n >= 1 samples), "
+                         f"got shape {jnp.shape(logits)}.")
     if not jnp.issubdtype(jnp.result_type(logits), jnp.floating):
         raise ValueError(f"logits must be floating point, got dtype {jnp.result_type(logits)}.")
     for name, x in (("labels", labels), ("anchors", anchors)):
@@ -207,11 +211,12 @@ def group_loss(logits: jax.Array,
         input is float64.
 
     Raises:
-        ValueError: on wrong ranks or shapes, non-integer labels, non-boolean anchors, a
-            non-positive temperature or, when the values are concrete (not under `jit`/`vmap`),
-            labels outside `[0, m)`. Under `jit` the values cannot be checked: an
-            out-of-range label gives a NaN loss for its row (and so a NaN mean), which a
-            trainer's non-finite check catches.
+        ValueError: on wrong ranks or shapes (an empty batch included), non-integer
+            labels, non-boolean anchors, a non-positive temperature or, when the values are
+            concrete (not under `jit`/`vmap`), labels outside `[0, m)`. Under `jit` the
+            values cannot be checked: an out-of-range label (negative ones included) gives
+            a NaN loss for its row (and so a NaN mean), which a trainer's non-finite check
+            catches.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -243,7 +248,6 @@ def group_loss(logits: jax.Array,
     similarity = pearson_similarity(features)
     probs = replicator_dynamics(similarity, probs, num_iterations)
 
-    # mode="fill" turns an out-of-range label (possible only under jit) into NaN, loudly.
-    true_prob = jnp.take_along_axis(
-        probs, labels[:, None].astype(jnp.int32), axis=1, mode="fill", fill_value=jnp.nan)[:, 0]
+    # An out-of-range label (possible only under jit) gives NaN for its row, loudly.
+    true_prob = take_label_column(probs, labels)
     return -jnp.log(true_prob + _LOG_EPS)

@@ -21,6 +21,11 @@ def normalized_softmax_loss(embeddings: jax.Array,
         \ell_i = -\log \frac{\exp(\hat w_{y_i}^\top \hat x_i / T)}
                             {\sum_{c=1}^{m} \exp(\hat w_c^\top \hat x_i / T)}.
 
+    Which variant is the default, and why: there is one, the paper's. It equals
+    pytorch-metric-learning's `NormalizedSoftmaxLoss` (its `W` is `proxies.T`, `[d, m]`)
+    with its mean over the batch (tests/test_pml_parity.py). The paper's other training
+    choices belong to the model and the sampler, not to the loss.
+
     Args:
         embeddings: `[n, d]` floating array (normalised inside).
         labels: `[n]` integers in `[0, m)`.
@@ -32,9 +37,9 @@ def normalized_softmax_loss(embeddings: jax.Array,
         `[n]` per-example loss, float32 (float64 for float64 input); reduce with `jnp.mean`.
 
     Raises:
-        ValueError: on wrong ranks or shapes, non-integer labels, a non-positive
-            temperature or, when concrete, labels outside `[0, m)`. Under jit an
-            out-of-range label gives NaN for its row.
+        ValueError: on wrong ranks or shapes (n = 0 included), non-integer labels, a
+            non-positive temperature or, when concrete, labels outside `[0, m)`. Under jit an
+            out-of-range label (negative ones included) gives NaN for its row.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -56,7 +61,4 @@ def normalized_softmax_loss(embeddings: jax.Array,
     w = _pairwise.l2_normalize(jnp.asarray(proxies, dtype))
     logits = (x @ w.T) / jnp.asarray(temperature, dtype)
     log_probs = jax.nn.log_softmax(logits, axis=-1)
-    labels = jnp.asarray(labels)
-    picked = jnp.take_along_axis(log_probs, labels[:, None].astype(jnp.int32), axis=1,
-                                 mode="fill", fill_value=jnp.nan)[:, 0]
-    return -picked
+    return -_pairwise.take_label_column(log_probs, labels)

@@ -37,13 +37,18 @@ def concrete(x):
 
 
 def check_embeddings_and_labels(embeddings, labels) -> None:
-    """`embeddings` float [n, d], `labels` int [n]; ValueError naming the argument otherwise."""
+    """`embeddings` float [n, d] with n >= 1, `labels` int [n]; ValueError naming the
+    argument otherwise."""
     if jnp.ndim(embeddings) != 2:
         raise ValueError(f"embeddings must have rank 2 ([n, d]), got shape {jnp.shape(embeddings)}.")
     if not jnp.issubdtype(jnp.result_type(embeddings), jnp.floating):
         raise ValueError(
             f"embeddings must be floating point, got dtype {jnp.result_type(embeddings)}.")
     n = jnp.shape(embeddings)[0]
+    if n == 0:
+        # Shapes are static, so this holds under jit too; a loss over no pair is undefined.
+        raise ValueError(f"embeddings must have at least one row ([n, d] with n >= 1), "
+                         f"got shape {jnp.shape(embeddings)}.")
     if jnp.shape(labels) != (n,):
         raise ValueError(
             f"labels must have shape [n] = ({n},) to match embeddings {jnp.shape(embeddings)}; "
@@ -53,12 +58,16 @@ def check_embeddings_and_labels(embeddings, labels) -> None:
 
 
 def check_proxies(proxies, embeddings, labels) -> None:
-    """`proxies` float [m, d] with d = embeddings.shape[1]; labels (when concrete) in [0, m)."""
+    """`proxies` float [m, d] with m >= 1 and d = embeddings.shape[1]; labels (when
+    concrete) in [0, m)."""
     if jnp.ndim(proxies) != 2:
         raise ValueError(f"proxies must have rank 2 ([m, d]), got shape {jnp.shape(proxies)}.")
     if not jnp.issubdtype(jnp.result_type(proxies), jnp.floating):
         raise ValueError(f"proxies must be floating point, got dtype {jnp.result_type(proxies)}.")
     m, d = jnp.shape(proxies)
+    if m == 0:
+        raise ValueError(f"proxies must have at least one row ([m, d] with m >= 1 classes), "
+                         f"got shape {jnp.shape(proxies)}.")
     if d != jnp.shape(embeddings)[1]:
         raise ValueError(
             f"proxies must be [m, d] with d = embeddings.shape[1] = {jnp.shape(embeddings)[1]}; "
@@ -76,6 +85,25 @@ def check_label_range(labels, m: int, source: str) -> None:
             raise ValueError(
                 f"labels must lie in [0, {m}) ({source} have m = {m} classes); got "
                 f"{values[bad][:5].tolist()} at positions {np.flatnonzero(bad)[:5].tolist()}.")
+
+
+def labels_in_range(labels: jax.Array, m: int) -> jax.Array:
+    """bool `[n]`: the label lies in [0, m)."""
+    labels = jnp.asarray(labels)
+    return (labels >= 0) & (labels < m)
+
+
+def take_label_column(values: jax.Array, labels: jax.Array) -> jax.Array:
+    """`values[i, labels[i]]` for `values` `[n, m]`, NaN where the label is outside [0, m).
+
+    Concrete labels are checked up front (`check_label_range`); this is what is left under
+    jit, where a bad label must show up as NaN. Indexing alone would not do it: jnp wraps
+    negative indices like Python, so -1 would silently pick the last class."""
+    m = values.shape[1]
+    labels = jnp.asarray(labels)
+    index = jnp.clip(labels, 0, max(m - 1, 0)).astype(jnp.int32)
+    picked = jnp.take_along_axis(values, index[:, None], axis=1)[:, 0]
+    return jnp.where(labels_in_range(labels, m), picked, jnp.nan)
 
 
 def check_positive(name: str, value) -> None:
@@ -113,9 +141,13 @@ def pairwise_sqdist(x: jax.Array) -> jax.Array:
 
 
 def safe_sqrt(d2: jax.Array) -> jax.Array:
-    """sqrt with value and gradient 0 at (near) zero instead of an infinite gradient."""
+    """sqrt with value and gradient 0 at (near) zero instead of an infinite gradient.
+
+    NaN stays NaN: `NaN > eps` is False, and mapping it to 0 would make a broken
+    embedding look like a perfect match."""
     positive = d2 > _SQDIST_EPS
-    return jnp.where(positive, jnp.sqrt(jnp.where(positive, d2, 1.0)), 0.0)
+    root = jnp.sqrt(jnp.where(positive, d2, 1.0))
+    return jnp.where(positive, root, jnp.where(jnp.isnan(d2), d2, 0.0))
 
 
 def pairwise_distances(x: jax.Array, squared: bool = False) -> jax.Array:

@@ -28,6 +28,10 @@ def proxy_anchor_loss(embeddings: jax.Array,
     the loss is not a sum over examples and no per-example split would be meaningful;
     like `optax.ntxent` it returns the batch's scalar loss.
 
+    Which variant is the default, and why: there is one. This is the paper's eq. (4) and
+    its code, and pytorch-metric-learning's `ProxyAnchorLoss` (whose `margin` is δ),
+    which computes the same value and gradients (tests/test_pml_parity.py).
+
     In the gl_jax trainer the proxies are the classifier's weights (`kernel.T`, `[m, d]`),
     so no extra parameters are needed. (The paper trains the proxies with a 100x larger
     learning rate; the trainer uses one learning rate for all parameters.)
@@ -43,9 +47,9 @@ def proxy_anchor_loss(embeddings: jax.Array,
         scalar loss, float32 (float64 for float64 input).
 
     Raises:
-        ValueError: on wrong ranks or shapes, non-integer labels, a non-positive alpha,
-            a non-finite delta or, when concrete, labels outside `[0, m)`. Under jit an
-            out-of-range label simply belongs to no proxy.
+        ValueError: on wrong ranks or shapes (n = 0 included), non-integer labels, a
+            non-positive alpha, a non-finite delta or, when concrete, labels outside `[0, m)`.
+            Under jit an out-of-range label (negative ones included) makes the loss NaN.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -74,4 +78,7 @@ def proxy_anchor_loss(embeddings: jax.Array,
     pos = _log1p_sum_exp(-alpha * (sim - delta), member)                # [m], 0 if absent
     neg = _log1p_sum_exp(alpha * (sim + delta), ~member)                 # [m]
     num_present = jnp.sum(jnp.any(member, axis=1))
-    return jnp.sum(pos) / jnp.maximum(num_present, 1) + jnp.mean(neg)
+    loss = jnp.sum(pos) / jnp.maximum(num_present, 1) + jnp.mean(neg)
+    # A label outside [0, m) (possible only under jit) would belong to no proxy and pass
+    # unnoticed: poison the batch's loss instead.
+    return jnp.where(jnp.all(_pairwise.labels_in_range(labels, num_classes)), loss, jnp.nan)

@@ -13,8 +13,9 @@ def batch_hard_triplet_loss(embeddings: jax.Array,
                             margin: float | jax.Array = 0.2,
                             soft_margin: bool = False,
                             normalize: bool = True,
-                            squared: bool = False) -> jax.Array:
-    r"""Per-anchor batch-hard triplet loss.
+                            squared: bool = False,
+                            triplets: str = "batch_hard") -> jax.Array:
+    r"""Per-anchor batch-hard triplet loss (or, with `triplets="all"`, every triplet).
 
     Every sample `a` of the batch is an anchor. With distances `D` between the
     (optionally L2-normalised) embeddings, its hardest positive and hardest negative are
@@ -31,6 +32,28 @@ def batch_hard_triplet_loss(embeddings: jax.Array,
     The batch is expected to come from a P x K sampler (P classes, K samples each), as in
     the paper. The loss is piecewise smooth: the max/min pick one pair per anchor.
 
+    With `triplets="all"` every valid triplet `(a, p, k)` of the batch counts, and the
+    batch loss is the average over the triplets whose loss is non-zero (Hermans et al.'s
+    "batch all" with their ":math:`\neq 0`" average; pytorch-metric-learning's default
+    `TripletMarginLoss` with its `AvgNonZeroReducer`):
+
+    .. math::
+        L = \frac{1}{|\{t: \ell_t > 0\}|} \sum_{t = (a, p, k)} \ell_t, \qquad
+        \ell_t = [m + D_{ap} - D_{ak}]_+ .
+
+    That average is not a sum over anchors, so each anchor returns its share
+    :math:`n \sum_{(p, k)} \ell_{apk} / |\{t: \ell_t > 0\}|`, and `jnp.mean` of the
+    output is `L` (0 when no triplet is violated). Memory is O(n^3).
+
+    Which variant is the default, and why: batch-hard (the paper's best variant, and
+    what its P x K sampling is built for), averaged over all anchors as in the paper's
+    eq. (5). pytorch-metric-learning's default is the "all" variant above; both are
+    tested against it (tests/test_pml_parity.py). The default equals its
+    `TripletMarginLoss(reducer=MeanReducer())` fed by a `BatchHardMiner` on batches where
+    every anchor has a positive and a negative (its miner drops the other anchors; here
+    they count as 0 in the mean). PML's `smooth_loss` is softplus(m + gap), this
+    `soft_margin` the paper's softplus(gap): they agree at PML margin 0.
+
     Args:
         embeddings: `[n, d]` floating array (bfloat16/float16 are computed in float32).
         labels: `[n]` integer labels (any integer values; only equality is used).
@@ -39,14 +62,16 @@ def batch_hard_triplet_loss(embeddings: jax.Array,
         soft_margin: softplus instead of the hinge.
         normalize: L2-normalise the embeddings first (a zero row stays zero).
         squared: use squared Euclidean distances (the paper uses plain ones).
+        triplets: "batch_hard" (default) or "all" (see above).
 
     Returns:
         `[n]` per-anchor loss, float32 (float64 for float64 input); reduce with `jnp.mean`
         (anchors without a triplet count as 0, as in the paper's average over the batch).
+        A NaN embedding is not hidden: every anchor compared with it gets NaN.
 
     Raises:
-        ValueError: on wrong ranks or shapes, non-integer labels or, when concrete, a
-            negative or non-finite margin.
+        ValueError: on wrong ranks or shapes (n = 0 included), non-integer labels or, when
+            concrete, a negative or non-finite margin.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -62,12 +87,16 @@ def batch_hard_triplet_loss(embeddings: jax.Array,
     """
     _pairwise.check_embeddings_and_labels(embeddings, labels)
     _pairwise.check_nonnegative("margin", margin)
+    if triplets not in ("batch_hard", "all"):
+        raise ValueError(f"triplets must be 'batch_hard' or 'all', got {triplets!r}.")
     dtype = _pairwise.compute_dtype(embeddings)
     x = jnp.asarray(embeddings, dtype)
     if normalize:
         x = _pairwise.l2_normalize(x)
     dist = _pairwise.pairwise_distances(x, squared=squared)
     positives, negatives = _pairwise.class_masks(labels)
+    if triplets == "all":
+        return _all_triplets(dist, positives, negatives, margin, soft_margin, dtype)
     has_positive = jnp.any(positives, axis=1)
     has_negative = jnp.any(negatives, axis=1)
 
@@ -83,3 +112,18 @@ def batch_hard_triplet_loss(embeddings: jax.Array,
     else:
         loss = jax.nn.relu(jnp.asarray(margin, dtype) + gap)
     return jnp.where(has_positive & has_negative, loss, 0.0)
+
+
+def _all_triplets(dist, positives, negatives, margin, soft_margin, dtype):
+    """Each anchor's share of the average over the non-zero triplet losses."""
+    valid = positives[:, :, None] & negatives[:, None, :]           # [a, p, k]
+    gap = dist[:, :, None] - dist[:, None, :]                         # D_ap - D_ak
+    if soft_margin:
+        loss = jax.nn.softplus(gap)
+    else:
+        loss = jax.nn.relu(jnp.asarray(margin, dtype) + gap)
+    loss = jnp.where(valid, loss, 0.0)
+    # Which triplets are non-zero is piecewise constant: no gradient through the count.
+    nonzero = jax.lax.stop_gradient(jnp.sum(valid & (loss > 0)))
+    n = dist.shape[0]
+    return n * jnp.sum(loss, axis=(1, 2)) / jnp.maximum(nonzero, 1).astype(dtype)

@@ -28,6 +28,7 @@ from gl_jax.losses._contrastive import contrastive_loss
 from gl_jax.losses._group_loss import anchor_mask, group_loss, random_anchor_mask
 from gl_jax.losses._multi_similarity import multi_similarity_loss
 from gl_jax.losses._normalized_softmax import normalized_softmax_loss
+from gl_jax.losses._pairwise import take_label_column
 from gl_jax.losses._proxy_anchor import proxy_anchor_loss
 from gl_jax.losses._triplet import batch_hard_triplet_loss
 
@@ -168,9 +169,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Mean softmax cross-entropy in float32; NaN when a label is outside `[0, m)`, so a
     bad label cannot train silently."""
     log_probs = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), axis=-1)
-    picked = jnp.take_along_axis(log_probs, jnp.asarray(labels)[:, None].astype(jnp.int32),
-                                 axis=1, mode="fill", fill_value=jnp.nan)
-    return -jnp.mean(picked)
+    return -jnp.mean(take_label_column(log_probs, labels))
 
 
 def metric_loss(name: str, *, embeddings: jax.Array, logits: jax.Array | None,

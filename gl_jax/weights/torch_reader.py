@@ -44,6 +44,22 @@ _LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL_VERSION = 1001
 
 
+# Limits on what a zip entry may inflate to, checked on the size its header declares
+# before anything is inflated, and again on the bytes actually read (a header can lie).
+# The object pickle holds names, shapes and strides, not tensor data: a few MB for the
+# largest state dicts.
+MAX_PICKLE_BYTES = 64 << 20
+_MAX_SMALL_RECORD_BYTES = 64       # the "byteorder" record: "little" or "big"
+# torch.save stores its entries uncompressed; a file re-zipped with deflate shrinks by a
+# few percent, as trained weights are close to random bits. A storage that inflates more
+# than this many times its compressed size (and past _RATIO_FLOOR bytes) is a zip bomb.
+MAX_COMPRESSION_RATIO = 100
+_RATIO_FLOOR = 1 << 20
+# Stored and deflated entries can be inflated in bounded steps; zipfile hands bzip2 and
+# lzma data to a decompressor with no output bound, so a small read can inflate hugely.
+_BOUNDED_COMPRESSION = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
+
+
 class UnsafeCheckpointError(pickle.UnpicklingError, ValueError):
     """The file's pickle names a global outside the allowed tensor-building set."""
 
@@ -294,6 +310,17 @@ def _resolve(obj: Any) -> Any:
     return obj
 
 
+def _storage_nbytes(storage_type: Any, numel: Any, key: str, source: str) -> int:
+    """The bytes a storage's persistent id says it holds: what its record may inflate to."""
+    if not isinstance(storage_type, _StorageType):
+        raise ValueError(f"{source}: storage {key} has type {storage_type!r}, "
+                         "expected a torch storage class")
+    if not isinstance(numel, int) or isinstance(numel, bool) or numel < 0:
+        raise ValueError(f"{source}: storage {key} has element count {numel!r}")
+    # An untyped storage's count is already in bytes (its dtype here is uint8).
+    return numel * storage_type.dtype.itemsize
+
+
 def _storage_array(raw: bytes, storage_type: Any, numel: Any, key: str, source: str,
                    byteorder: str) -> np.ndarray:
     """Interpret raw storage bytes as ``numel`` elements of the storage's dtype."""
@@ -315,6 +342,34 @@ def _storage_array(raw: bytes, storage_type: Any, numel: Any, key: str, source: 
     return np.frombuffer(raw, dtype=dtype, count=numel)
 
 
+def _read_record(archive: zipfile.ZipFile, name: str, limit: int, path: str,
+                 what: str) -> bytes:
+    """The bytes of zip entry `name`, inflating at most `limit` + 1 bytes.
+
+    The declared (header) size is checked against `limit` before anything is inflated,
+    and the entry is read through a bounded stream, so a header that understates the
+    size cannot make us inflate more than the limit either."""
+    info = archive.getinfo(name)
+    if info.compress_type not in _BOUNDED_COMPRESSION:
+        raise ValueError(f"{path}: {what} {name} uses zip compression method "
+                         f"{info.compress_type}; only stored (0) and deflated (8) entries "
+                         "are read (torch.save stores them uncompressed)")
+    if info.file_size > limit:
+        raise ValueError(f"{path}: {what} {name} declares {info.file_size} bytes, more "
+                         f"than the {limit} it may hold; refusing to inflate it")
+    if (info.compress_type != zipfile.ZIP_STORED and info.file_size > _RATIO_FLOOR
+            and info.file_size > MAX_COMPRESSION_RATIO * max(info.compress_size, 1)):
+        raise ValueError(f"{path}: {what} {name} would inflate {info.compress_size} bytes "
+                         f"to {info.file_size}, more than {MAX_COMPRESSION_RATIO}-fold "
+                         "(weights do not compress like that: a zip bomb?); refusing it")
+    with archive.open(info) as stream:
+        raw = stream.read(limit + 1)
+    if len(raw) > limit:
+        raise ValueError(f"{path}: {what} {name} inflates past the {limit} bytes it may "
+                         f"hold (its header declared {info.file_size})")
+    return raw
+
+
 def _read_zip(path: str) -> Any:
     with zipfile.ZipFile(path) as archive:
         names = archive.namelist()
@@ -325,7 +380,8 @@ def _read_zip(path: str) -> Any:
         prefix = pickles[0][: -len("data.pkl")]
         byteorder = "little"
         if prefix + "byteorder" in names:
-            byteorder = archive.read(prefix + "byteorder").decode("ascii").strip()
+            byteorder = _read_record(archive, prefix + "byteorder", _MAX_SMALL_RECORD_BYTES,
+                                     path, "record").decode("ascii").strip()
             if byteorder not in ("little", "big"):
                 raise ValueError(f"{path}: byteorder record says {byteorder!r}")
         cache: dict[tuple[str, str], _Storage] = {}
@@ -341,12 +397,14 @@ def _read_zip(path: str) -> Any:
                 record = f"{prefix}data/{key}"
                 if record not in names:
                     raise ValueError(f"{path}: storage record {record} is missing")
-                raw = archive.read(record)
+                raw = _read_record(archive, record,
+                                   _storage_nbytes(storage_type, numel, key, path),
+                                   path, "storage record")
                 array = _storage_array(raw, storage_type, numel, key, path, byteorder)
                 cache[cache_key] = _Storage(array, key)
             return cache[cache_key]
 
-        data = archive.read(pickles[0])
+        data = _read_record(archive, pickles[0], MAX_PICKLE_BYTES, path, "object pickle")
         return _SafeUnpickler(io.BytesIO(data), path, load_storage).load()
 
 
