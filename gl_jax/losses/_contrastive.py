@@ -86,12 +86,8 @@ def contrastive_loss(embeddings: jax.Array,
     _pairwise.check_positive("neg_margin", neg_margin)
     if average not in ("per_anchor", "nonzero_pairs"):
         raise ValueError(f"average must be 'per_anchor' or 'nonzero_pairs', got {average!r}.")
-    dtype = _pairwise.compute_dtype(embeddings)
-    x = jnp.asarray(embeddings, dtype)
-    if normalize:
-        x = _pairwise.l2_normalize(x)
-    dist = _pairwise.pairwise_distances(x)
-    positives, negatives = _pairwise.class_masks(labels)
+    dtype, dist, positives, negatives = _pairwise.distances_and_masks(
+        embeddings, labels, normalize=normalize)
 
     def hinge(x):
         h = jax.nn.relu(x)

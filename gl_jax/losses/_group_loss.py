@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from gl_jax.losses._pairwise import compute_dtype as _compute_dtype
-from gl_jax.losses._pairwise import check_label_range
+from gl_jax.losses._pairwise import check_integer_labels, check_label_range
 from gl_jax.losses._pairwise import concrete as _concrete
 from gl_jax.losses._pairwise import take_label_column
 
@@ -149,8 +149,7 @@ def _validate(logits, labels, anchors, embeddings, temperature) -> None:
             raise ValueError(
                 f"{name} must have shape [n] = ({n},) to match logits {jnp.shape(logits)}; "
                 f"got {jnp.shape(x)}.")
-    if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
-        raise ValueError(f"labels must be integers, got dtype {jnp.result_type(labels)}.")
+    check_integer_labels(labels)
     if jnp.result_type(anchors) != jnp.bool_:
         raise ValueError(f"anchors must be boolean, got dtype {jnp.result_type(anchors)}.")
     if embeddings is not None:

@@ -53,6 +53,10 @@ def check_embeddings_and_labels(embeddings, labels) -> None:
         raise ValueError(
             f"labels must have shape [n] = ({n},) to match embeddings {jnp.shape(embeddings)}; "
             f"got {jnp.shape(labels)}.")
+    check_integer_labels(labels)
+
+
+def check_integer_labels(labels) -> None:
     if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
         raise ValueError(f"labels must be integers, got dtype {jnp.result_type(labels)}.")
 
@@ -161,3 +165,14 @@ def class_masks(labels: jax.Array) -> tuple[jax.Array, jax.Array]:
     same = labels[:, None] == labels[None, :]
     n = labels.shape[0]
     return same & ~jnp.eye(n, dtype=bool), ~same
+
+
+def distances_and_masks(embeddings, labels, *, normalize: bool, squared: bool = False):
+    """(compute dtype, [n, n] distances of the (L2-normalised) embeddings, positive and
+    negative pair masks): the common start of the pair-based losses."""
+    dtype = compute_dtype(embeddings)
+    x = jnp.asarray(embeddings, dtype)
+    if normalize:
+        x = l2_normalize(x)
+    positives, negatives = class_masks(labels)
+    return dtype, pairwise_distances(x, squared=squared), positives, negatives

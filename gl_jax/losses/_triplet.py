@@ -89,12 +89,8 @@ def batch_hard_triplet_loss(embeddings: jax.Array,
     _pairwise.check_nonnegative("margin", margin)
     if triplets not in ("batch_hard", "all"):
         raise ValueError(f"triplets must be 'batch_hard' or 'all', got {triplets!r}.")
-    dtype = _pairwise.compute_dtype(embeddings)
-    x = jnp.asarray(embeddings, dtype)
-    if normalize:
-        x = _pairwise.l2_normalize(x)
-    dist = _pairwise.pairwise_distances(x, squared=squared)
-    positives, negatives = _pairwise.class_masks(labels)
+    dtype, dist, positives, negatives = _pairwise.distances_and_masks(
+        embeddings, labels, normalize=normalize, squared=squared)
     if triplets == "all":
         return _all_triplets(dist, positives, negatives, margin, soft_margin, dtype)
     has_positive = jnp.any(positives, axis=1)
