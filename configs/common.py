@@ -90,6 +90,9 @@ def get_config(dataset: str = "digits") -> ml_collections.ConfigDict:
     config.evals.ks = (1, 2, 4, 8)
     config.evals.nmi = True
     config.evals.map_at_r = True
+    # Evaluate the network before any training too: results.json and the final table
+    # then show the gain. One extra pass over the test split.
+    config.evals.untrained_baseline = True
 
     config.mesh = ml_collections.ConfigDict()
     config.mesh.num_devices = -1        # -1 = every device of every host

@@ -5,7 +5,8 @@ A user error is a problem with what the user gave: a bad config value, bad or mi
 data, a busy workdir, no usable checkpoint, a loss that diverged. It is printed as
 `error: <message>` on stderr with exit status 2 (1 for a diverged loss). Anything else is
 an internal error and keeps its traceback. `--verbosity=1` (or `GL_JAX_TRACEBACK=1`)
-shows the traceback of user errors too.
+shows the traceback of user errors too. Logging is at WARNING unless `--verbosity` is
+given (`--verbosity=0` shows INFO, the dependencies' included).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import traceback
 
 from absl import app
 from absl import flags
+from absl import logging
 
 from gl_jax import checkpoints
 from gl_jax import workdir_lock
@@ -46,6 +48,10 @@ def _show_tracebacks() -> bool:
 def run(main) -> None:
     """`app.run(main)`; user errors -> one line on stderr and a non-zero exit status."""
     def guarded(argv):
+        if not flags.FLAGS["verbosity"].present:
+            # Quiet by default: the run prints its own summary lines; dependencies' INFO
+            # chatter (Orbax, grain) appears with --verbosity=0 or higher.
+            logging.set_verbosity(logging.WARNING)
         try:
             return main(argv)
         except KeyboardInterrupt:

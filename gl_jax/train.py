@@ -28,6 +28,7 @@ import json
 import math
 import os
 import signal
+import sys
 import threading
 from typing import Any, Callable
 
@@ -52,6 +53,14 @@ from gl_jax.losses import registry as loss_registry
 from gl_jax.runtime import TrainState
 
 WARMUP, GROUP = "warmup", "group"
+
+
+def say(message: str) -> None:
+    """A line for the person watching (process 0 only), printed between progress bars;
+    library chatter goes to absl logging, which the command line keeps at WARNING."""
+    if jax.process_index() == 0:
+        tqdm.tqdm.write(message, file=sys.stdout)
+        sys.stdout.flush()
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -403,11 +412,11 @@ class Run:
         score = self.selection_score(metrics)
         if self.writer:
             self.writer.write(step, {f"{self.val_split}/{k}": v for k, v in metrics.items()})
-        logging.info("epoch %d: %s %s = %.4f", epoch, self.val_split,
-                     self.config.selection.metric, score)
         if score > self.meta["best_score"]:
             self.meta.update(best_score=score, best_step=step, best_epoch=epoch)
             self.checkpoints.save_best(state, step, dict(self.meta))
+        say(f"epoch {epoch}/{stage.epochs}: {self.val_split} {self.config.selection.metric} "
+            f"{score:.4f} (best {self.meta['best_score']:.4f}, epoch {self.meta['best_epoch']})")
 
 
 def _evaluates_at(stage: Stage, step: int, every_epochs: int) -> bool:
@@ -489,9 +498,15 @@ def _train_and_evaluate(config, workdir: str) -> TrainState:
     if is_main:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
-    logging.info("mesh %s over %d devices (%d processes); %d training classes; stages: %s",
-                 dict(mesh.shape), mesh.size, jax.process_count(), train_source.num_classes,
-                 ", ".join(f"{s.name} {s.epochs} x {s.steps_per_epoch} steps" for s in stages))
+    say(f"data {config.data.name}: " + ", ".join(
+        f"{name} {len(src):,} images / {src.num_classes:,} classes"
+        for name, src in splits.items()) + f"; {mesh.size} device(s), "
+        f"{jax.process_count()} process(es)")
+    say("stages: " + ", ".join(f"{s.name} {s.epochs} epoch(s) x {s.steps_per_epoch} steps "
+                               f"of {s.sampler_config.classes_per_batch} x "
+                               f"{s.sampler_config.samples_per_class}" for s in stages if s.epochs))
+    say(f"writing to {workdir}: checkpoints/, best/, tensorboard/, metrics.jsonl, "
+        "results.json")
 
     checkpoints = ckpt.Checkpoints(workdir, config)
     model = runtime.build_model(config, train_source.num_classes)
@@ -512,7 +527,7 @@ def _train_and_evaluate(config, workdir: str) -> TrainState:
     else:
         start, saved_meta, state, iterator = resumed
         meta.update(saved_meta)
-        logging.info("resumed from step %d in %s", start, workdir)
+        say(f"resumed from step {start} in {workdir}")
     checkpoints.discard_after(start)
     run = Run(config=config, mesh=mesh, graphdef=graphdef, splits=splits,
               checkpoints=checkpoints,
@@ -521,6 +536,10 @@ def _train_and_evaluate(config, workdir: str) -> TrainState:
               preemption=_Preemption(float(config.checkpoint.preemption_timeout_s)), meta=meta,
               val_split="val" if config.selection.protocol == "validation" else "test")
 
+    if resumed is None and config.evals.untrained_baseline:
+        # The same network before any training: the reference the gain is measured from.
+        meta["untrained_test"] = run.evaluate(state, "test")
+        say(f"before training: test {_headline(meta['untrained_test'])}")
     stopped_early = False
     with run.preemption:
         # Killed during an epoch-end evaluation: that evaluation comes first.
@@ -614,7 +633,7 @@ def _run_stage(run: Run, stage: Stage, state, iterator):
             state = _reload_best(run, epoch, state)
         bar = tqdm.tqdm(total=stage.steps_per_epoch,
                         initial=step - (epoch_end - stage.steps_per_epoch),
-                        desc=f"{stage.name} epoch {epoch + 1}/{stage.epochs}",
+                        desc=f"{stage.name} epoch {epoch + 1}/{stage.epochs}", leave=False,
                         disable=not (config.logging.progress and is_main), unit="step")
         in_flight = None
         while step < epoch_end:
@@ -661,7 +680,7 @@ def _reload_best(run: Run, epoch: int, state):
     best = run.checkpoints.restore_best(runtime.abstract(state))
     if best is None:
         return state
-    logging.info("epoch %d: lr drop; reloading the best checkpoint so far", epoch + 1)
+    say(f"epoch {epoch + 1}: lr drop; continuing from the best checkpoint so far")
     return TrainState(step=state.step, params=best.params, model_state=best.model_state,
                       opt_state=state.opt_state)
 
@@ -676,11 +695,28 @@ def _final_evaluation(run: Run, state, workdir: str, step: int) -> None:
     results = {"protocol": protocol_name, "note": note, "selected_epoch": meta["best_epoch"],
                "selected_step": meta["best_step"], "selection_score": meta["best_score"],
                "test": metrics}
+    before = meta.get("untrained_test")
+    if before:
+        results["untrained_test"] = before
+        results["gain"] = {k: v - before[k] for k, v in metrics.items()
+                           if isinstance(v, float) and k in before}
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump(results, f, indent=2)
         if run.writer:
             run.writer.write(step, {f"final_test/{k}": v for k, v in metrics.items()})
-        table = metric_writers.markdown_table(
-            ["metric", "value"], [[k, v] for k, v in metrics.items()])
-        print(f"\nTest metrics ({note}; epoch {meta['best_epoch']}):\n{table}\n", flush=True)
+        names = [k for k, v in metrics.items() if isinstance(v, float)]
+        if before:
+            table = metric_writers.markdown_table(
+                ["held-out metric", "before training", "after training", "gain"],
+                [[k, before[k], metrics[k], f"{metrics[k] - before[k]:+.4f}"] for k in names])
+        else:
+            table = metric_writers.markdown_table(["held-out metric", "value"],
+                                                  [[k, metrics[k]] for k in names])
+        say(f"\nTest metrics ({note}; epoch {meta['best_epoch']}):\n{table}\n")
+
+
+def _headline(metrics: dict) -> str:
+    """'recall@1 0.4123, map@r 0.1234' (the first rank metric and MAP@R / mAP)."""
+    keys = [k for k in ("recall@1", "rank@1", "map@r", "map") if k in metrics]
+    return ", ".join(f"{k} {metrics[k]:.4f}" for k in keys)

@@ -41,6 +41,13 @@ def test_quick_run_writes_everything(quick_run):
     results = read_results(workdir)
     assert results["protocol"] == "paper" and "TEST split" in results["note"]
     assert 0.0 < results["test"]["recall@1"] <= 1.0
+    # The untrained baseline is the same network before any step (computed independently
+    # here) and the gain is the difference.
+    before = untrained_metrics(quick_config())
+    for key in ("recall@1", "map@r"):
+        assert results["untrained_test"][key] == pytest.approx(before[key], abs=1e-6)
+        assert results["gain"][key] == pytest.approx(
+            results["test"][key] - results["untrained_test"][key], abs=1e-9)
 
 
 def untrained_metrics(config):
