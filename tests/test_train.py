@@ -134,8 +134,17 @@ def test_sharded_parameters_match_replicated(tmp_path):
 @pytest.mark.slow
 def test_non_finite_loss_stops_naming_step_and_checkpoint(tmp_path):
     config = quick_config(warmup__lr=1e38, logging__every_steps=1)
-    with pytest.raises(train.NonFiniteLossError, match=r"non-finite loss .* at step \d+"):
+    with pytest.raises(train.NonFiniteLossError,
+                       match=r"non-finite (loss|param_norm) .* at step 1 \(warmup stage\)\. "
+                             r"No checkpoint was saved yet"):
         train.train_and_evaluate(config, str(tmp_path / "nan"))
+    # Diverging in the Group Loss stage: the message names the last checkpoint, whose
+    # parameters were finite when it was saved.
+    config = quick_config(optimizer__lr=1e38, logging__every_steps=1)
+    with pytest.raises(train.NonFiniteLossError,
+                       match=r"at step 1[1-5] \(group stage\)\. The last checkpoint, step 10 "
+                             r"in .*checkpoints, has finite parameters"):
+        train.train_and_evaluate(config, str(tmp_path / "nan_group"))
 
 
 @pytest.mark.parametrize("overrides,error,match", [
