@@ -291,6 +291,7 @@ def test_normalized_softmax_is_cross_entropy_of_cosines():
     ("proxy_anchor", dict(alpha=4.0)),
     ("normalized_softmax", dict(temperature=0.5)),
 ])
+@pytest.mark.slow
 def test_check_grads(name, kw):
     """Away from the max/min/mining/hinge switches (random data) every loss is smooth."""
     emb, labels, proxies = random_batch(7, classes=3, per_class=3, d=4)

@@ -120,6 +120,7 @@ def test_augmented_global_batch_identical_on_one_and_two_hosts(folder):
         gdata.make_train_iterator(source, config, sampler_config, process_count=4)
 
 
+@pytest.mark.slow
 def test_worker_processes_keep_composition_and_values(digits):
     config, sampler_config, splits = digits
     in_process = _take(gdata.make_train_iterator(splits["train"], config, sampler_config), 3)

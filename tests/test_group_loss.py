@@ -138,6 +138,7 @@ def test_random_anchor_mask_counts_and_randomness():
 
 
 # ---------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_check_grads():
     logits, labels, anchors, feats = random_problem(11, n=8, m=5, d=4)
     with jax.enable_x64(True):
@@ -256,6 +257,7 @@ def test_constant_row_keeps_its_prior_distribution():
     anchor_mode=st.sampled_from(["none", "all", "random", "first"]),
     iterations=st.sampled_from([1, 3]),
 )
+@pytest.mark.slow
 def test_property_never_nan_or_inf(shape, seed, logit_scale, temperature, feature_mode,
                                    anchor_mode, iterations):
     n, m = shape

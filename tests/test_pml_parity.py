@@ -49,6 +49,8 @@ import jax.numpy as jnp  # noqa: E402
 from gl_jax import losses  # noqa: E402
 from gl_jax.losses import registry  # noqa: E402
 
+pytestmark = pytest.mark.slow   # 41 cases in float64, about 40 s
+
 # Two cores shared with other jobs: torch's default thread pool only adds contention.
 torch.set_num_threads(1)
 

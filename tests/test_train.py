@@ -322,6 +322,7 @@ def test_fast_end_to_end_train_resume_and_evaluate(tmp_path):
         results["test"]["recall@1"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_sigterm_while_the_loop_is_blocked_exits_after_the_timeout():
     """A step or a data read that never returns cannot make the process deaf to SIGTERM:
     the process exits with 143 once the preemption timeout has passed."""
