@@ -30,6 +30,11 @@ def get_config(dataset: str = "digits") -> ml_collections.ConfigDict:
     config.model.bn_epsilon = -1.0      # < 0 = the backbone's default
     config.model.dtype = "float32"      # 'bfloat16' on accelerators; parameters stay float32
     config.model.init_from = ""         # an Orbax checkpoint from gl_jax.convert_weights
+    # Head-only training: the backbone's parameters and BatchNorm statistics stay fixed,
+    # only the embedding layer and the classifier train. Without augmentation its
+    # features are computed once (cache_features) and an epoch costs a matrix multiply.
+    config.model.freeze_backbone = False
+    config.model.cache_features = True
 
     config.loss = ml_collections.ConfigDict()
     config.loss.name = "group_loss"

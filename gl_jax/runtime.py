@@ -111,16 +111,17 @@ def abstract(tree):
 
 
 # ----------------------------------------------------------------------------- embedding
-def _embed_batch(graphdef, flip: bool, params, model_state, images):
-    """Embeddings [B, d] in inference mode (BatchNorm running statistics); with `flip`
-    also those of the horizontally mirrored images (NHWC: the width axis is 2)."""
+def _embed_batch(graphdef, flip: bool, pooled: bool, params, model_state, images):
+    """Embeddings [B, d] (or, with `pooled`, the pooled backbone features [B, C]) in
+    inference mode (BatchNorm running statistics); with `flip` also those of the
+    horizontally mirrored images (NHWC: the width axis is 2)."""
     model = nnx.merge(graphdef, params, model_state, copy=True)
     model.eval()
-    embedding, _ = model(images)
+    forward = model.pool if pooled else (lambda x: model(x)[0])
+    embedding = forward(images)
     if not flip:
         return embedding, embedding
-    mirrored, _ = model(jnp.flip(images, axis=2))
-    return embedding, mirrored
+    return embedding, forward(jnp.flip(images, axis=2))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,15 +129,17 @@ class Embedder:
     """A jitted embedding step for one model graph, batch-sharded over `mesh`.
 
     Build it once per graph: calling it with new parameters reuses the compiled step.
-    Parameters keep the shardings they arrive with (replicated or `shard_params`)."""
+    Parameters keep the shardings they arrive with (replicated or `shard_params`).
+    `pooled`: the pooled backbone features instead of the embeddings."""
     graphdef: Any
     mesh: Mesh
     flip: bool = False
+    pooled: bool = False
 
     @functools.cached_property
     def step(self):
         data = NamedSharding(self.mesh, P("data"))
-        return jax.jit(functools.partial(_embed_batch, self.graphdef, self.flip),
+        return jax.jit(functools.partial(_embed_batch, self.graphdef, self.flip, self.pooled),
                        out_shardings=(data, data))
 
 

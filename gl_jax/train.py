@@ -140,15 +140,32 @@ def compute_loss(spec: LossSpec, embedding, logits, labels, step, proxies=None):
     return total, {**parts, "accuracy": accuracy}
 
 
-def train_step(graphdef, tx, spec: LossSpec, state: TrainState, batch):
-    """One optimisation step on the global batch; returns the new state and scalar metrics."""
+def _in_backbone(path) -> bool:
+    return getattr(path[0], "key", None) == "backbone"
+
+
+def train_step(graphdef, tx, spec: LossSpec, state: TrainState, batch, *, frozen: bool = False,
+               from_features: bool = False):
+    """One optimisation step on the global batch; returns the new state and scalar metrics.
+
+    `frozen`: the backbone's parameters and BatchNorm statistics stay as they are (no
+    gradient flows into it); only the embedding layer and the classifier train.
+    `from_features`: `batch['image']` holds the frozen backbone's pooled features."""
 
     # model_state is an argument (not a closure) so that BatchNorm may update it inside
     # the gradient trace.
     def loss_fn(params, model_state):
         model = nnx.merge(graphdef, params, model_state, copy=True)
         model.train()
-        embedding, aux = model(batch["image"])
+        if frozen:
+            model.backbone.eval()   # BatchNorm uses (and keeps) its running statistics
+        if from_features:
+            pooled = batch["image"]
+        else:
+            pooled = model.pool(batch["image"])
+            if frozen:
+                pooled = jax.lax.stop_gradient(pooled)
+        embedding, aux = model.head(pooled)
         # Proxy-based losses use the classifier's weights as proxies ([d, m] -> [m, d]),
         # read inside the gradient trace so that they are trained.
         proxies = model.classifier.kernel[...].T if spec.needs_proxies else None
@@ -161,6 +178,9 @@ def train_step(graphdef, tx, spec: LossSpec, state: TrainState, batch):
                                                                     state.model_state)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    if frozen:   # weight decay must not move the frozen backbone either
+        params = jax.tree_util.tree_map_with_path(
+            lambda path, new, old: old if _in_backbone(path) else new, params, state.params)
     metrics.update(grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params),
                    lr=opt_state.hyperparams["learning_rate"])
     new_state = TrainState(step=state.step + 1, params=params, model_state=model_state,
@@ -278,6 +298,8 @@ class Stage:
     data_config: Any
     evaluates: bool = False    # evaluate (and select the best model) at epoch ends
     reload_best_at: frozenset = frozenset()   # 0-based epochs that start from the best so far
+    frozen: bool = False       # only the embedding layer and classifier train
+    from_features: bool = False   # frozen on fixed inputs: train on cached features
 
     @property
     def last_step(self) -> int:
@@ -286,6 +308,10 @@ class Stage:
 
 def make_stages(config, train_source) -> list[Stage]:
     stages, step = [], 0
+    frozen = bool(config.model.freeze_backbone)
+    # A frozen backbone on un-augmented inputs computes the same features every epoch:
+    # compute them once (config.model.cache_features) and train the head on them.
+    cached = frozen and bool(config.model.cache_features)
     if config.warmup.epochs > 0:
         sampler = ml_collections.ConfigDict({"classes_per_batch": config.warmup.classes_per_batch,
                                              "samples_per_class": config.warmup.samples_per_class,
@@ -300,7 +326,8 @@ def make_stages(config, train_source) -> list[Stage]:
                       make_optimizer(float(config.warmup.lr), eps=float(config.warmup.eps),
                                      b1=float(config.optimizer.b1),
                                      b2=float(config.optimizer.b2)),
-                      LossSpec(), sampler, data_config)
+                      LossSpec(), sampler, data_config, frozen=frozen,
+                      from_features=cached)
         stages.append(stage)
         step = stage.last_step
     spe = _steps_per_epoch(train_source, config.sampler, config.schedule.steps_per_epoch)
@@ -316,7 +343,8 @@ def make_stages(config, train_source) -> list[Stage]:
     reload_at = (frozenset(int(e) - 1 for e in config.schedule.lr_drop_epochs)
                  if config.schedule.reload_best_at_drop else frozenset())
     stages.append(Stage(GROUP, step, int(config.schedule.epochs), spe, tx, spec, config.sampler,
-                        config.data, evaluates=True, reload_best_at=reload_at))
+                        config.data, evaluates=True, reload_best_at=reload_at, frozen=frozen,
+                        from_features=cached and not config.data.augment))
     return stages
 
 
@@ -387,6 +415,7 @@ class Run:
     preemption: _Preemption
     meta: dict                 # bookkeeping saved with each checkpoint
     val_split: str             # where the best model is selected: 'val' or 'test'
+    make_iterator: Callable    # stage -> a fresh training iterator for it
 
     @property
     def data_sharding(self) -> NamedSharding:
@@ -519,9 +548,15 @@ def _train_and_evaluate(config, workdir: str) -> TrainState:
         return jax.device_put(state, runtime.state_shardings(state, mesh,
                                                              bool(config.mesh.shard_params)))
 
+    features = None
+    if any(s.from_features for s in stages):
+        features = _backbone_features(graphdef, params, model_state, splits["train"], config,
+                                      mesh)
+    make_iterator = functools.partial(_train_iterator, splits["train"], features)
+
     meta = {"step": 0, "best_score": -math.inf, "best_step": -1, "best_epoch": -1,
             "protocol": config.selection.protocol}
-    resumed = _resume(checkpoints, stages, fresh_state, splits["train"])
+    resumed = _resume(checkpoints, stages, fresh_state, make_iterator)
     if resumed is None:
         start, state, iterator = 0, fresh_state(stages[0]), None
     else:
@@ -534,6 +569,7 @@ def _train_and_evaluate(config, workdir: str) -> TrainState:
               writer=metric_writers.MetricWriter(workdir) if is_main else None,
               embedder=runtime.Embedder(graphdef, mesh),
               preemption=_Preemption(float(config.checkpoint.preemption_timeout_s)), meta=meta,
+              make_iterator=make_iterator,
               val_split="val" if config.selection.protocol == "validation" else "test")
 
     if resumed is None and config.evals.untrained_baseline:
@@ -562,7 +598,29 @@ def _train_and_evaluate(config, workdir: str) -> TrainState:
     return state
 
 
-def _resume(checkpoints: ckpt.Checkpoints, stages: list[Stage], fresh_state, train_source):
+def _train_iterator(source, features, stage: Stage):
+    return gdata.make_train_iterator(
+        source, stage.data_config, stage.sampler_config, process_index=jax.process_index(),
+        process_count=jax.process_count(), features=features if stage.from_features else None)
+
+
+def _backbone_features(graphdef, params, model_state, source, config, mesh) -> np.ndarray:
+    """The frozen backbone's pooled features [len(source), C] of every training record (the
+    eval transform: what the training iterator would feed without augmentation)."""
+    replicated = NamedSharding(mesh, P())
+    params, model_state = jax.device_put((params, model_state), replicated)
+    out = runtime.embed_source(
+        [(runtime.Embedder(graphdef, mesh, pooled=True), params, model_state)], source,
+        config, mesh, desc="backbone features")
+    rows = out["embeddings"][0]["embedding"]
+    features = np.zeros((len(source), rows.shape[1]), np.float32)
+    features[out["index"]] = rows
+    say(f"frozen backbone: features of {len(source):,} training images computed once "
+        f"({rows.shape[1]}-d); the head trains on them")
+    return features
+
+
+def _resume(checkpoints: ckpt.Checkpoints, stages: list[Stage], fresh_state, make_iterator):
     """(step, meta, state, iterator) of the newest checkpoint that restores in full, or None
     when the workdir has none. `iterator` is None at a stage's last step (the next stage
     starts its own). Damaged checkpoints are skipped with a warning; when every one is
@@ -576,9 +634,7 @@ def _resume(checkpoints: ckpt.Checkpoints, stages: list[Stage], fresh_state, tra
             state = checkpoints.restore_state(step, runtime.abstract(fresh_state(stage)))
             iterator = None
             if step < stage.last_step:
-                iterator = gdata.make_train_iterator(
-                    train_source, stage.data_config, stage.sampler_config,
-                    process_index=jax.process_index(), process_count=jax.process_count())
+                iterator = make_iterator(stage)
                 checkpoints.restore_iterator(step, iterator)
             return step, meta, state, iterator
         except StopIteration:
@@ -607,12 +663,12 @@ def _run_stage(run: Run, stage: Stage, state, iterator):
     if iterator is None:
         state = TrainState(step=state.step, params=state.params, model_state=state.model_state,
                            opt_state=stage.tx.init(state.params))
-        iterator = gdata.make_train_iterator(
-            run.splits["train"], stage.data_config, stage.sampler_config,
-            process_index=jax.process_index(), process_count=jax.process_count())
+        iterator = run.make_iterator(stage)
     stage_shardings = run.shardings(state)
     state = jax.device_put(state, stage_shardings)
-    step_fn = jax.jit(functools.partial(train_step, run.graphdef, stage.tx, stage.spec),
+    step_fn = jax.jit(functools.partial(train_step, run.graphdef, stage.tx, stage.spec,
+                                        frozen=stage.frozen,
+                                        from_features=stage.from_features),
                       in_shardings=(stage_shardings, run.data_sharding),
                       out_shardings=(stage_shardings, NamedSharding(run.mesh, P())),
                       donate_argnums=(0,))

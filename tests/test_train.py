@@ -340,3 +340,49 @@ def test_sigterm_while_the_loop_is_blocked_exits_after_the_timeout():
     assert proc.returncode == 143, proc.stderr[-2000:]
     assert "no checkpoint saved within 1 s of SIGTERM" in proc.stderr
     assert time.time() - started < 60
+
+
+def _flat(tree):
+    return {jax.tree_util.keystr(p): np.asarray(v)
+            for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def test_head_only_keeps_the_backbone_and_trains_the_head(tmp_path):
+    overrides = dict(model__freeze_backbone=True, model__cache_features=False,
+                     model__embedding_dim=32, warmup__steps_per_epoch=3,
+                     schedule__steps_per_epoch=3, schedule__epochs=1,
+                     schedule__lr_drop_epochs=(), schedule__lr_drop_factors=(),
+                     optimizer__weight_decay=0.1)
+    config = quick_config(**overrides)
+    initial = runtime.build_model(config, 5)
+    _, params0, stats0 = nnx.split(initial, nnx.Param, ...)
+    state = train.train_and_evaluate(config, str(tmp_path / "frozen"))
+    params, params0 = _flat(state.params), _flat(params0)
+    stats, stats0 = _flat(state.model_state), _flat(stats0)
+    backbone = [k for k in params if k.startswith("['backbone']")]
+    assert backbone and all(np.array_equal(params[k], params0[k]) for k in backbone)
+    assert all(np.array_equal(stats[k], stats0[k]) for k in stats)   # BatchNorm statistics
+    for head in ("['embedding']['kernel']", "['classifier']['kernel']"):
+        key = next(k for k in params if k.startswith(head))
+        assert not np.allclose(params[key], params0[key])
+
+
+def test_cached_features_train_exactly_as_the_frozen_backbone(tmp_path):
+    """Features computed once give the losses and parameters of running the frozen
+    backbone at every step (digits has no augmentation)."""
+    overrides = dict(model__freeze_backbone=True, model__embedding_dim=32,
+                     warmup__steps_per_epoch=3, schedule__steps_per_epoch=3,
+                     schedule__epochs=2, schedule__lr_drop_epochs=(),
+                     schedule__lr_drop_factors=(), logging__every_steps=1)
+    runs = {}
+    for cached in (True, False):
+        workdir = str(tmp_path / f"cached_{cached}")
+        state = train.train_and_evaluate(quick_config(model__cache_features=cached,
+                                                      **overrides), workdir)
+        losses = [r["group/loss"] for r in read_metrics(workdir) if "group/loss" in r]
+        runs[cached] = (losses, _flat(state.params), read_results(workdir)["test"])
+    np.testing.assert_allclose(runs[True][0], runs[False][0], rtol=1e-4)
+    for key, value in runs[True][1].items():
+        np.testing.assert_allclose(value, runs[False][1][key], rtol=1e-4, atol=1e-6,
+                                   err_msg=key)
+    assert runs[True][2]["recall@1"] == pytest.approx(runs[False][2]["recall@1"], abs=2e-3)

@@ -130,11 +130,15 @@ class _TrainElement:
                 self._members = _ClassMembers(self.source.labels)
             return self._cache[epoch]
 
-    def __call__(self, position: int) -> dict:
+    def record(self, position: int) -> tuple[int, int, int, int]:
+        """(source index, step, slot in the global batch, epoch) of element `position`."""
         step = self.start_step + position // self.local
         slot = self.offset + position % self.local
         epoch, batch = divmod(step, self.steps)
-        index = int(self._epoch(epoch)[batch, slot])
+        return int(self._epoch(epoch)[batch, slot]), step, slot, epoch
+
+    def __call__(self, position: int) -> dict:
+        index, step, slot, epoch = self.record(position)
         image, _ = load_with_fallback(self.source, index, self.skip_corrupt, self._members,
                                       self._known_bad)
         if self.augment:
@@ -160,7 +164,8 @@ def _normalize_batch(batch: dict, normalization: str) -> dict:
     return batch
 
 
-def _finish(dataset: grain.MapDataset, data_config) -> grain.IterDataset:
+def _finish(dataset: grain.MapDataset, data_config, normalized: bool = False
+            ) -> grain.IterDataset:
     read = grain.ReadOptions(num_threads=int(data_config.get("read_threads", 2)),
                              prefetch_buffer_size=int(data_config.get("prefetch_batches", 2)))
     it = dataset.to_iter_dataset(read)
@@ -171,12 +176,14 @@ def _finish(dataset: grain.MapDataset, data_config) -> grain.IterDataset:
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    if normalized:
+        return it
     return it.map(functools.partial(_normalize_batch,
                                     normalization=str(data_config.normalization)))
 
 
 def make_train_iterator(source: Source, data_config, sampler_config, *, process_index: int = 0,
-                        process_count: int = 1, start_step: int = 0):
+                        process_count: int = 1, start_step: int = 0, features=None):
     """An infinite grain iterator of this host's slice of the global P x K batches.
 
     Yields dict(image float32 [L, S, S, 3] normalised, label int32 [L], index int64 [L]
@@ -185,19 +192,39 @@ def make_train_iterator(source: Source, data_config, sampler_config, *, process_
     later (e.g. start_epoch * steps_per_epoch); to resume a run, restore the iterator's
     state instead (`grain.checkpoint.CheckpointRestore`): the next batch is the exact one
     the interrupted run would have got.
+
+    `features` [len(source), C]: precomputed per-record features (a frozen backbone's,
+    on fixed inputs); the batches' 'image' is then their rows, nothing is decoded.
     """
     validate_data_config(data_config)
     sampler = make_sampler(source, sampler_config, int(data_config.seed))
     local = _local_batch_size(sampler.batch_size, process_count)
     host_slice(np.zeros((1, sampler.batch_size)), process_index, process_count)  # validates
     element = _TrainElement(source, sampler, data_config, local, process_index, start_step)
+    if features is not None:
+        if len(features) != len(source):
+            raise ValueError(f"features has {len(features)} rows for {len(source)} records")
+        element = _FeatureElement(element, np.asarray(features, np.float32))
     logging.info("train data %s: %d images, %d classes, %s sampler %d x %d, %d steps/epoch, "
                  "host %d/%d reads %d per step", source.name, len(source), len(sampler.counts),
                  sampler.mode, sampler.classes_per_batch, sampler.samples_per_class,
                  sampler.num_batches(), process_index, process_count, local)
     dataset = (grain.MapDataset.range(_MAX_STEPS * local).map(element)
                .batch(local, drop_remainder=True, batch_fn=_stack))
-    return iter(_finish(dataset, data_config))
+    return iter(_finish(dataset, data_config, normalized=features is not None))
+
+
+class _FeatureElement:
+    """The P x K order of `_TrainElement`, with each record's precomputed feature row."""
+
+    def __init__(self, element: _TrainElement, features: np.ndarray):
+        self.element, self.features = element, features
+
+    def __call__(self, position: int) -> dict:
+        index, step, _, epoch = self.element.record(position)
+        return dict(image=self.features[index],
+                    label=np.int32(self.element.source.labels[index]), index=index,
+                    step=step, epoch=epoch)
 
 
 class _EvalElement:

@@ -54,9 +54,16 @@ class EmbeddingModel(nnx.Module):
         'embedding' (the same array) and, when num_classes > 0, 'logits'
         [B, num_classes], all float32.
         """
+        return self.head(self.pool(images))
+
+    def pool(self, images: jax.Array) -> jax.Array:
+        """The pooled backbone feature [B, C] (float32) of normalised images."""
         layers.check_images(images)
-        feature_map = self.backbone(images)
-        pooled = layers.global_pool(feature_map, self.pooling, self.pool_mix)
+        return layers.global_pool(self.backbone(images), self.pooling, self.pool_mix)
+
+    def head(self, pooled: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Embedding and logits from pooled features: what trains when the backbone is
+        frozen (and, with fixed inputs, what trains on cached features)."""
         embedding = self.embedding(pooled) if self.embedding is not None else pooled
         aux = {"pooled": pooled, "embedding": embedding}
         if self.classifier is not None:
