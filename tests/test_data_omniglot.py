@@ -106,3 +106,22 @@ def test_load_splits_dispatch_and_pipeline(splits):
     _, counts = np.unique(batch["label"], return_counts=True)
     assert np.all(counts % 2 == 0)   # K = 2 per drawn class (the official sampler may
                                      # draw a class twice)
+
+
+@pytest.mark.parametrize("arg", [None, "quick"])
+def test_config_loads(arg):
+    from configs import omniglot as omniglot_config
+    from gl_jax import models
+    from gl_jax.losses import registry
+    assert "python -m gl_jax.main --config=configs/omniglot.py" in omniglot_config.__doc__
+    config = omniglot_config.get_config(arg)
+    assert config.data.name == "omniglot" and config.data.root == ""
+    assert config.model.name in models.available_models()
+    registry.hparams_from_config(config.loss)
+    assert len(config.schedule.lr_drop_epochs) == len(config.schedule.lr_drop_factors)
+    # The test characters never select the model: no evaluation inside the loop.
+    assert config.evals.every_epochs > config.schedule.epochs
+    if arg == "quick":
+        assert config.schedule.steps_per_epoch > 0
+    with pytest.raises(ValueError, match="quick"):
+        omniglot_config.get_config("fast")
