@@ -22,11 +22,12 @@ up to 2x.
 Expected (seed 0; measured): on the 106 unseen characters, Recall@1 0.749 (the same
 network untrained: 0.232, `--config.schedule.epochs=0`), R@2/4/8 0.845 / 0.910 / 0.946,
 MAP@R 0.339 (untrained 0.059), NMI 0.776 (untrained 0.496). Seed 1: 0.235 -> 0.752 in
-162 s wall, 134 s CPU. The printed note "model
-selected on the TEST split" is the trainer's wording for the paper protocol; with no
-evaluation inside the loop nothing is selected (epoch -1 = the final model).
-Trials behind these choices: experiments/omniglot_default/TRIALS.md.
-`:quick` (the tests): 2 epochs of 5 steps, only shows that the pipeline works.
+162 s wall, 134 s CPU. The printed note "model selected on the TEST split" is the
+trainer's wording for the paper protocol; with no evaluation inside the loop nothing is
+selected (epoch -1 = the final model). Trials behind these choices:
+experiments/omniglot_default/TRIALS.md.
+
+`:quick`: 2 epochs of 5 steps (about 20 s of CPU time), only shows that the pipeline works.
 """
 from configs import common
 
