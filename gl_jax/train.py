@@ -746,8 +746,13 @@ def _final_evaluation(run: Run, state, workdir: str, step: int) -> None:
     best = run.checkpoints.restore_best(runtime.abstract(state))
     metrics = run.evaluate(best if best is not None else state, "test")
     meta, protocol_name = run.meta, run.config.selection.protocol
-    note = ("model selected on the TEST split (paper protocol): these numbers are optimistic"
-            if protocol_name == "paper" else "model selected on the validation split")
+    if meta["best_step"] < 0:
+        note = "the final model: no evaluation during training selected one"
+    elif protocol_name == "paper":
+        note = ("model selected on the TEST split (paper protocol), epoch "
+                f"{meta['best_epoch']}: these numbers are optimistic")
+    else:
+        note = f"model selected on the validation split, epoch {meta['best_epoch']}"
     results = {"protocol": protocol_name, "note": note, "selected_epoch": meta["best_epoch"],
                "selected_step": meta["best_step"], "selection_score": meta["best_score"],
                "test": metrics}
@@ -769,7 +774,7 @@ def _final_evaluation(run: Run, state, workdir: str, step: int) -> None:
         else:
             table = metric_writers.markdown_table(["held-out metric", "value"],
                                                   [[k, metrics[k]] for k in names])
-        say(f"\nTest metrics ({note}; epoch {meta['best_epoch']}):\n{table}\n")
+        say(f"\nTest metrics ({note}):\n{table}\n")
 
 
 def _headline(metrics: dict) -> str:

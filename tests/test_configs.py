@@ -6,7 +6,7 @@ import pytest
 from gl_jax import data, models
 from gl_jax.losses import registry
 
-CONFIGS = ["digits", "image_folder", "cub200", "cars196", "sop", "inshop", "market1501",
+CONFIGS = ["omniglot", "digits", "image_folder", "cub200", "cars196", "sop", "inshop", "market1501",
            "dukemtmc"]
 
 

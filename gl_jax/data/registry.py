@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping
 import logging
 
 from gl_jax.data import layouts
+from gl_jax.data import omniglot
 
 EVAL_KINDS = ("retrieval", "query_gallery", "reid")
 
@@ -63,6 +64,10 @@ _ENTRIES = (
             # 8 x 8 images: upsampled to 16 px, pixel values scaled to [0, 1], no crops.
             data_overrides=dict(image_size=16, resize_size=16, normalization="unit",
                                 augment=False)),
+    # The embedded default: two Omniglot zips shipped in the package (`root` = another
+    # folder holding them); train and test alphabets disjoint.
+    Dataset("omniglot", lambda root, val, c: omniglot.load_omniglot_splits(
+        root, val, int(c.get("drawers", 0))), needs_root=False, batch=(16, 4)),
     Dataset("image_folder", lambda root, val, c: layouts.load_image_folder_splits(
         root, val, int(c.get("train_classes", 0)))),
     Dataset("cub200", lambda root, val, c: layouts.load_cub_splits(root, val),

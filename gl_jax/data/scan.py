@@ -167,7 +167,7 @@ def _check_all(tasks: dict, full: bool, threads: int | None, progress: bool) -> 
         return found, len(block)
 
     bad = {}
-    bar = tqdm(total=len(items), desc=f"data scan ({'full' if full else 'header'})",
+    bar = tqdm(total=len(items), desc=f"data scan ({'full' if full else 'header'})", leave=False,
                unit="img", disable=not progress, mininterval=1.0)
     with bar, concurrent.futures.ThreadPoolExecutor(threads) as pool:
         for found, n in pool.map(check_block, blocks):
