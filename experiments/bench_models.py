@@ -1,25 +1,34 @@
-"""Throughput of every backbone: forward and forward+backward images per second.
+"""Throughput of every backbone: forward and training-step images per second, beside PyTorch.
 
     python experiments/bench_models.py                       # CPU defaults (batch 8, 2 timed steps)
     python experiments/bench_models.py --models=resnet18,small_cnn --sizes=64 --steps=3
+    python experiments/bench_models.py --models=efficientnet_lite0,resnet18,resnet50 \
+        --sizes=112 --batch=32 --no_forward                  # the training step vs PyTorch
     python experiments/bench_models.py --batch=128 --steps=20   # on a GPU
 
 One run prints one table: per backbone and image size, the compile time, forward images/s
-(eval mode, jitted), forward+backward images/s (train mode: batch statistics, gradient of
-a scalar of the embedding and logits with respect to every parameter, BatchNorm statistics
-updated; no optimizer) and the ratio forward / (forward+backward). When an accelerator is
-present, ResNet-50 and BN-Inception at 227 px are added in bfloat16 compute (float32
-parameters) beside their float32 rows, with the bf16 speed-up.
+(eval mode, jitted), training-step images/s (train mode: batch statistics, loss
+mean(embedding^2) + mean(logits^2), gradient with respect to every parameter, plain SGD
+update, BatchNorm statistics updated) and the ratio forward / step. When torch (and
+torchvision for the ResNets) is importable, the same training step of the same backbone
+(experiments/torch_reference.py: same batch, size, loss, SGD; PyTorch eager, NCHW) is
+timed in the same run and the table adds its images/s and gl_jax / PyTorch; torch is
+never a dependency of gl_jax (--torch=off skips it). When an accelerator is present,
+ResNet-50 and BN-Inception at 227 px are added in bfloat16 compute (float32 parameters)
+beside their float32 rows, with the bf16 speed-up.
 
 Parameters are random (He-scaled NumPy draws into a shape-only model) because real
 initialisation compiles one program per parameter shape and would dominate a CPU run;
-speed does not depend on the values. Timings on a shared CPU vary up to 2x between runs:
-compare within one run.
+speed does not depend on the values. Every speed is the fastest of --steps timed steps
+(after one warm-up). Timings on a shared CPU vary up to 2x between runs: compare within
+one run. Run with PYTHONPATH=. from a worktree, or the installed gl_jax is imported.
 """
 from __future__ import annotations
 
 import argparse
 import math
+import os
+import sys
 import time
 
 import jax
@@ -29,6 +38,8 @@ from flax import nnx
 
 from gl_jax.models import available_models, count_params, create_model
 from gl_jax.models.bninception import final_grid
+
+LEARNING_RATE = 0.01
 
 
 def parse_args(argv=None):
@@ -43,6 +54,10 @@ def parse_args(argv=None):
                         help="bfloat16 rows for resnet50/bninception at 227 px "
                              "(auto: only when an accelerator is present)")
     parser.add_argument("--no_backward", action="store_true", help="time the forward only")
+    parser.add_argument("--no_forward", action="store_true",
+                        help="skip the eval-mode forward (time the training step only)")
+    parser.add_argument("--torch", choices=("auto", "on", "off"), default="auto",
+                        help="PyTorch eager twin of each float32 row (auto: when importable)")
     args = parser.parse_args(argv)
     for name in args.models.split(","):
         if name not in available_models():
@@ -72,14 +87,17 @@ def random_model(name: str, num_classes: int, dtype, seed: int = 0) -> nnx.Modul
 
 
 def _time(fn, *args, steps: int) -> tuple[float, float]:
-    """(seconds of the first call = compile + one run, mean seconds of `steps` later calls)."""
+    """(seconds of the first call = compile + one run, seconds of the fastest of `steps`
+    later calls: the minimum is the least disturbed by other processes on a shared CPU)."""
     start = time.perf_counter()
     jax.block_until_ready(fn(*args))
     first = time.perf_counter() - start
-    start = time.perf_counter()
+    times = []
     for _ in range(steps):
+        start = time.perf_counter()
         jax.block_until_ready(fn(*args))
-    return first, (time.perf_counter() - start) / steps
+        times.append(time.perf_counter() - start)
+    return first, min(times)
 
 
 def supported_size(name: str, size: int) -> int:
@@ -95,52 +113,77 @@ def supported_size(name: str, size: int) -> int:
 def bench_one(name: str, size: int, dtype, args) -> dict:
     model = random_model(name, args.num_classes, dtype)
     images = jax.random.normal(jax.random.key(0), (args.batch, size, size, 3), jnp.float32)
-    model.eval()
-    eval_graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-
-    @jax.jit
-    def forward(params, stats, images):
-        return nnx.merge(eval_graphdef, params, stats)(images)[0]
-
-    compile_fwd, fwd = _time(forward, params, stats, images, steps=args.steps)
     row = dict(model=name, size=size, dtype=jnp.dtype(dtype).name, params=count_params(model),
-               compile=compile_fwd, fwd=args.batch / fwd)
+               compile=0.0, fwd=None)
+    if not args.no_forward:
+        model.eval()
+        eval_graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+
+        @jax.jit
+        def forward(params, stats, images):
+            return nnx.merge(eval_graphdef, params, stats)(images)[0]
+
+        compile_fwd, fwd = _time(forward, params, stats, images, steps=args.steps)
+        row.update(compile=compile_fwd, fwd=args.batch / fwd)
     if not args.no_backward:
         model.train()
         train_graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
 
         @jax.jit
-        def forward_backward(params, stats, images):
+        def train_step(params, stats, images):
             def loss_fn(params):
                 m = nnx.merge(train_graphdef, params, stats, copy=True)
                 embedding, aux = m(images)
                 loss = jnp.mean(embedding ** 2) + jnp.mean(aux["logits"] ** 2)
                 return loss, nnx.state(m, nnx.BatchStat)
             (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-            return loss, new_stats, grads
+            new_params = jax.tree.map(lambda p, g: p - LEARNING_RATE * g, params, grads)
+            return loss, new_stats, new_params
 
-        compile_bwd, step = _time(forward_backward, params, stats, images, steps=args.steps)
+        compile_bwd, step = _time(train_step, params, stats, images, steps=args.steps)
         row.update(compile=row["compile"] + compile_bwd, fwd_bwd=args.batch / step)
+        if args.torch != "off" and row["dtype"] == "float32":
+            row["torch"] = torch_step(name, size, args, row["params"])
     return row
 
 
+def torch_step(name: str, size: int, args, params: int) -> float | None:
+    """PyTorch eager images/s of the same training step, or None when torch is missing
+    (an error with --torch=on)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    try:
+        import torch_reference
+        seconds = torch_reference.time_torch_step(name, args.num_classes, size, args.batch,
+                                                  args.steps, expected_params=params,
+                                                  lr=LEARNING_RATE)
+    except ImportError:
+        if args.torch == "on":
+            raise
+        return None
+    return args.batch / seconds
+
+
+def _num(value, fmt=".1f", suffix=""):
+    return "-" if value is None else f"{value:{fmt}}{suffix}"
+
+
 def format_table(rows: list[dict]) -> str:
-    lines = ["| model | px | dtype | params (M) | first calls s | fwd img/s | fwd+bwd img/s "
-             "| fwd / fwd+bwd | bf16 speed-up fwd+bwd |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | px | dtype | params (M) | first calls s | fwd img/s | step img/s "
+             "| fwd / step | PyTorch step img/s | gl_jax / PyTorch | bf16 speed-up step |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     f32 = {(r["model"], r["size"]): r for r in rows if r["dtype"] == "float32"}
     for r in rows:
-        fb = r.get("fwd_bwd")
-        ratio = f"{r['fwd'] / fb:.2f}" if fb else "-"
-        speedup = "-"
+        fb, fwd, pt = r.get("fwd_bwd"), r.get("fwd"), r.get("torch")
+        speedup = None
         base = f32.get((r["model"], r["size"]))
         if r["dtype"] != "float32" and base is not None and fb and base.get("fwd_bwd"):
-            speedup = f"{fb / base['fwd_bwd']:.2f}x"
-        lines.append(f"| {r['model']} | {r['size']} | {r['dtype']} | {r['params'] / 1e6:.2f} "
-                     f"| {r['compile']:.1f} | {r['fwd']:.1f} | {fb:.1f} | {ratio} | {speedup} |"
-                     if fb else
-                     f"| {r['model']} | {r['size']} | {r['dtype']} | {r['params'] / 1e6:.2f} "
-                     f"| {r['compile']:.1f} | {r['fwd']:.1f} | - | - | - |")
+            speedup = fb / base["fwd_bwd"]
+        lines.append(
+            f"| {r['model']} | {r['size']} | {r['dtype']} | {r['params'] / 1e6:.2f} "
+            f"| {r['compile']:.1f} | {_num(fwd)} | {_num(fb)} "
+            f"| {_num(fwd / fb if fwd and fb else None, '.2f')} | {_num(pt)} "
+            f"| {_num(fb / pt if fb and pt else None, '.2f', 'x')} "
+            f"| {_num(speedup, '.2f', 'x')} |")
     return "\n".join(lines)
 
 
@@ -162,9 +205,9 @@ def main(argv=None):
     for name, size, dtype in jobs:
         row = bench_one(name, size, dtype, args)
         rows.append(row)
-        print(f"  {name} {size}px {row['dtype']}: fwd {row['fwd']:.1f} img/s, fwd+bwd "
-              f"{row.get('fwd_bwd', float('nan')):.1f} img/s (compile {row['compile']:.1f} s)",
-              flush=True)
+        print(f"  {name} {size}px {row['dtype']}: fwd {_num(row['fwd'])} img/s, step "
+              f"{_num(row.get('fwd_bwd'))} img/s, PyTorch step {_num(row.get('torch'))} img/s "
+              f"(compile {row['compile']:.1f} s)", flush=True)
     print()
     print(format_table(rows))
 

@@ -7,6 +7,10 @@ HWIO (``[kh, kw, in / groups, out]``): a PyTorch ``OIHW`` weight maps to it with
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import os
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -17,6 +21,126 @@ from flax import nnx
 _CONV_INIT = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 POOLINGS = ("avg", "max", "mix")
+
+# ---------------------------------------------------------------------------------------
+# Per-platform kernels. XLA:CPU runs some of this package's ops far slower than the
+# arithmetic needs (issue 14): the backward pass of max-pooling (select_and_scatter) and
+# depthwise convolutions (see conv_general_dilated: written, tested, not yet used). On the CPU the
+# functions below therefore compute the same math from shifted strided slices, which
+# XLA:CPU fuses into a few loops; on GPU/TPU XLA's native ops are used. This is the ONE
+# place that decides.
+# ---------------------------------------------------------------------------------------
+_CPU_KERNELS_OVERRIDE: bool | None = None
+CPU_KERNELS_ENV = "GL_JAX_CPU_KERNELS"
+
+
+def cpu_kernels_enabled() -> bool:
+    """Whether the shifted-slice CPU kernels replace XLA's native ops.
+
+    Decided when a function is traced (a jitted function keeps the choice it was traced
+    with): the ``cpu_kernels(...)`` context if one is active, else the environment
+    variable GL_JAX_CPU_KERNELS ('1' on, '0' off), else on exactly when JAX's default
+    backend is the CPU. Both paths compute the same function (tests/test_cpu_kernels.py).
+    """
+    if _CPU_KERNELS_OVERRIDE is not None:
+        return _CPU_KERNELS_OVERRIDE
+    env = os.environ.get(CPU_KERNELS_ENV, "").strip().lower()
+    if env in ("1", "true", "on", "yes"):
+        return True
+    if env in ("0", "false", "off", "no"):
+        return False
+    return jax.default_backend() == "cpu"
+
+
+@contextlib.contextmanager
+def cpu_kernels(enabled: bool | None):
+    """Force the CPU kernels on (True) or off (False) while tracing inside the block;
+    None restores the automatic choice. Trace (jit) new functions inside the block."""
+    global _CPU_KERNELS_OVERRIDE
+    previous, _CPU_KERNELS_OVERRIDE = _CPU_KERNELS_OVERRIDE, enabled
+    try:
+        yield
+    finally:
+        _CPU_KERNELS_OVERRIDE = previous
+
+
+def _window_slices(padded: jax.Array, window: tuple[int, int], stride: tuple[int, int],
+                   out_hw: tuple[int, int]):
+    """Yield ((di, dj), padded[:, di::sh, dj::sw, :] cut to out_hw) in row-major order."""
+    b, _, _, c = padded.shape
+    (kh, kw), (sh, sw), (oh, ow) = window, stride, out_hw
+    for di in range(kh):
+        for dj in range(kw):
+            yield (di, dj), jax.lax.slice(padded, (0, di, dj, 0),
+                                          (b, di + (oh - 1) * sh + 1, dj + (ow - 1) * sw + 1, c),
+                                          (1, sh, sw, 1))
+
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _padding_pairs(padding, in_hw, window, stride) -> tuple[tuple[int, int], ...]:
+    if isinstance(padding, str):
+        return tuple(jax.lax.padtype_to_pads(in_hw, window, stride, padding))
+    return tuple((int(lo), int(hi)) for lo, hi in padding)
+
+
+def _depthwise_taps(x, kernel, stride, padding):
+    kh, kw = kernel.shape[:2]
+    padded = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+    out_hw = tuple((padded.shape[1 + a] - (kh, kw)[a]) // stride[a] + 1 for a in range(2))
+    total = None
+    for (di, dj), window in _window_slices(padded, (kh, kw), stride, out_hw):
+        term = window * kernel[di, dj, 0]
+        total = term if total is None else total + term
+    return total
+
+
+def depthwise_conv_shifted(x: jax.Array, kernel: jax.Array, stride: tuple[int, int],
+                           padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+    """Depthwise convolution (multiplier 1) of NHWC ``x`` with an HWIO kernel
+    [kh, kw, 1, C], as a sum of kh * kw shifted, strided slices times one kernel tap each.
+
+    The same function as ``lax.conv_general_dilated(..., feature_group_count=C)``; JAX's
+    autodiff of it (slices -> pads, products -> per-tap reductions) replaces the native
+    grouped convolution's backward, whose kernel gradient XLA:CPU lowers to a dense
+    C x C convolution plus a diagonal extraction. (A hand-written VJP was faster but, under
+    jit, XLA:CPU 0.10.2 with its YNNPACK fusions computed wrong gradients from it.)
+    """
+    return _depthwise_taps(x, kernel, stride, padding)
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                         precision=None, **kwargs):
+    """``jax.lax.conv_general_dilated`` (the signature ``nnx.Conv`` calls), except that a
+    2-D NHWC depthwise convolution goes through ``depthwise_conv_shifted`` when
+    ``cpu_kernels_enabled()``.
+
+    NOT wired into ``conv()`` (so not used by EfficientNet-Lite0): in the whole network
+    under jit, XLA:CPU 0.10.2 computed wrong gradients from it (its YNNPACK fusions; right
+    with --xla_cpu_experimental_ynn_fusion_type= and in eager mode). Pass it as
+    ``nnx.Conv(..., conv_general_dilated=layers.conv_general_dilated)`` once fixed.
+    """
+    def native():
+        return jax.lax.conv_general_dilated(
+            lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+            rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+            feature_group_count=feature_group_count, precision=precision, **kwargs)
+
+    if (not cpu_kernels_enabled() or lhs.ndim != 4 or feature_group_count == 1
+            or any(v is not None for v in kwargs.values())
+            or any(d != 1 for d in (lhs_dilation or (1, 1)) + (rhs_dilation or (1, 1)))):
+        return native()
+    dims = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    if dims != jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC):
+        return native()
+    channels = lhs.shape[-1]
+    if not (feature_group_count == channels == rhs.shape[-1] and rhs.shape[2] == 1):
+        return native()
+    stride = tuple(int(s) for s in window_strides)
+    pads = _padding_pairs(padding, lhs.shape[1:3], rhs.shape[:2], stride)
+    return depthwise_conv_shifted(lhs, rhs, stride, pads)
 
 
 def conv(in_channels: int, out_channels: int, kernel_size: int, *, stride: int = 1,
@@ -112,9 +236,35 @@ def max_pool(x: jax.Array, window: int, stride: int, padding: int = 0, *,
     """
     pads = [(0, 0)] + [_pool_padding(s, window, stride, padding, ceil_mode)
                        for s in x.shape[1:3]] + [(0, 0)]
+    if cpu_kernels_enabled():
+        return _max_pool_shifted(x, (window, window), (stride, stride), tuple(pads[1:3]))
+    return _max_pool_native(x, (window, window), (stride, stride), pads)
+
+
+def _max_pool_native(x, window, stride, pads):
     # The init value must be a Python scalar: an array constant breaks reverse-mode autodiff.
-    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max,
-                                 (1, window, window, 1), (1, stride, stride, 1), pads)
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1,) + window + (1,),
+                                 (1,) + stride + (1,), pads)
+
+
+def _max_pool_shifted(x, window, stride, pads):
+    """Max-pooling as a running maximum over shifted strided slices of the -inf padded
+    input. Its autodiff is a chain of selects and pads instead of XLA's select_and_scatter
+    (slow on XLA:CPU); a tie keeps the earlier element (strict >), so the gradient goes
+    to the first maximum of each window in row-major order, as XLA's and PyTorch's do.
+
+    (A custom VJP that saved each window's argmax index and scattered with pads was
+    tried: under jit, XLA:CPU 0.10.2's YNNPACK reduce fusion then computed wrong
+    BatchNorm gradients for some odd map sizes; plain autodiff does not trigger it.)
+    """
+    padded = jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=-jnp.inf)
+    out_hw = tuple((padded.shape[1 + a] - window[a]) // stride[a] + 1 for a in range(2))
+    best = None
+    for _, values in _window_slices(padded, window, stride, out_hw):
+        best = values if best is None else jnp.where(values > best, values, best)
+    return best
+
+
 
 
 def avg_pool_include_pad(x: jax.Array, window: int, stride: int = 1,
@@ -125,8 +275,15 @@ def avg_pool_include_pad(x: jax.Array, window: int, stride: int = 1,
     (the border outputs are therefore damped, exactly as in the Caffe port).
     """
     pads = [(0, 0), (padding, padding), (padding, padding), (0, 0)]
-    summed = jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, window, window, 1),
-                                   (1, stride, stride, 1), pads)
+    if cpu_kernels_enabled():
+        padded = jnp.pad(x, pads)
+        out_hw = tuple(conv_output_size(n, window, stride, padding) for n in x.shape[1:3])
+        summed = None
+        for _, values in _window_slices(padded, (window, window), (stride, stride), out_hw):
+            summed = values if summed is None else summed + values
+    else:
+        summed = jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, window, window, 1),
+                                       (1, stride, stride, 1), pads)
     return summed / jnp.asarray(window * window, x.dtype)
 
 
