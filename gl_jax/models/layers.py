@@ -8,7 +8,6 @@ HWIO (``[kh, kw, in / groups, out]``): a PyTorch ``OIHW`` weight maps to it with
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 
 import jax
