@@ -385,12 +385,12 @@ def test_tfds_prepared_dataset_pooled_and_split_by_class(tmp_path):
         assert record["image"][0, 0, 0] % 10 == record["label"] + 2
 
 
-# ------------------------------------------------------------------ Omniglot (optional)
+# ------------------------------------------------- Omniglot unzipped, as an image folder
 
-OMNIGLOT = "/work/shared/datasets/omniglot/images_background_small1.zip"
+OMNIGLOT = os.path.join(os.path.dirname(gdata.__file__), "assets", "omniglot",
+                        "images_background_small1.zip")
 
 
-@pytest.mark.skipif(not os.path.exists(OMNIGLOT), reason="Omniglot zip not present")
 def test_omniglot_image_folder(tmp_path):
     with zipfile.ZipFile(OMNIGLOT) as archive:
         archive.extractall(tmp_path)
