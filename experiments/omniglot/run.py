@@ -300,20 +300,20 @@ def _fmt(values: list[float]) -> str:
 
 
 def table(rows: list[tuple[str, list[dict]]], ref_rows=()) -> str:
-    head = ("| method | seeds | R@1 | R@2 | R@4 | R@8 | NMI | MAP@R | train s/run |\n"
-            "|---|---|---|---|---|---|---|---|---|")
-    lines = [head]
+    from gl_jax import metric_writers
+    lines = []
     for label, metrics in ref_rows:
-        lines.append(f"| {label} | - | " + " | ".join(
-            f"{100 * metrics[k]:.1f}" if k in metrics else "-" for k in METRICS) + " | - |")
+        lines.append([label, "-", *(f"{100 * metrics[k]:.1f}" if k in metrics else "-"
+                                    for k in METRICS), "-"])
     for label, runs in rows:
         if not runs:
-            lines.append(f"| {label} | 0 | " + " | ".join("not run" for _ in METRICS) + " | - |")
+            lines.append([label, 0, *("not run" for _ in METRICS), "-"])
             continue
         cells = [_fmt([r["test"][k] for r in runs if k in r["test"]]) for k in METRICS]
         wall = np.nanmean([r["wall_s"] for r in runs])
-        lines.append(f"| {label} | {len(runs)} | " + " | ".join(cells) + f" | {wall:.0f} |")
-    return "\n".join(lines)
+        lines.append([label, len(runs), *cells, f"{wall:.0f}"])
+    return metric_writers.markdown_table(
+        ["method", "seeds", "R@1", "R@2", "R@4", "R@8", "NMI", "MAP@R", "train s/run"], lines)
 
 
 def _git_head() -> str:
