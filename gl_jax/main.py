@@ -39,8 +39,12 @@ def main(argv):
         jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                                    num_processes=FLAGS.num_processes,
                                    process_id=FLAGS.process_id)
-    logging.info("JAX process %d / %d, local devices %s", jax.process_index(),
-                 jax.process_count(), jax.local_devices())
+    where = (f"JAX process {jax.process_index()} / {jax.process_count()}, local devices "
+             f"{jax.local_devices()}")
+    if jax.process_count() > 1:
+        print(where, flush=True)   # each host's log says which process it is
+    else:
+        logging.info(where)
     train.train_and_evaluate(config, FLAGS.workdir)
 
 
