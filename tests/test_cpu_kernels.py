@@ -139,7 +139,8 @@ def test_avg_pool_matches_native(size, window, stride, padding):
 
 # Sizes that reach every kernel; ResNet-34/50/101 share ResNet-18's stem (the only
 # CPU kernel in a ResNet), checked here on ResNet-18 and ResNet-50.
-BACKBONES = [("resnet18", 33), ("small_cnn", 9), ("small_cnn", 12),
+BACKBONES = [pytest.param("resnet18", 33, marks=pytest.mark.slow), ("small_cnn", 9),
+             ("small_cnn", 12),
              pytest.param("resnet50", 32, marks=pytest.mark.slow),
              pytest.param("bninception", 64, marks=pytest.mark.slow),
              pytest.param("efficientnet_lite0", 35, marks=pytest.mark.slow)]

@@ -368,6 +368,7 @@ def test_head_only_keeps_the_backbone_and_trains_the_head(tmp_path):
         assert not np.allclose(params[key], params0[key])
 
 
+@pytest.mark.slow
 def test_cached_features_train_exactly_as_the_frozen_backbone(tmp_path):
     """Features computed once give the losses and parameters of running the frozen
     backbone at every step (digits has no augmentation)."""
