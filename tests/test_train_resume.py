@@ -103,10 +103,10 @@ def test_sigterm_saves_within_two_steps_and_resumes_to_the_same_result(reference
 
 # ---------------------------------------------------------------------- damaged checkpoints
 def _damage(step_dir, how):
+    files = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(step_dir, "state", "d"))
+             for f in fs]
+    path = max(files, key=os.path.getsize)   # the largest array file
     if how == "truncated array file":
-        files = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(step_dir, "state", "d"))
-                 for f in fs]
-        path = max(files, key=os.path.getsize)
         with open(path, "r+b") as f:
             f.truncate(os.path.getsize(path) // 2)
     elif how == "missing state item":
@@ -115,9 +115,6 @@ def _damage(step_dir, how):
         with open(os.path.join(step_dir, "data", "process_0-of-1.json"), "w") as f:
             f.write("{not json")
     elif how == "flipped bytes":
-        files = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(step_dir, "state", "d"))
-                 for f in fs]
-        path = max(files, key=os.path.getsize)
         with open(path, "r+b") as f:
             f.seek(os.path.getsize(path) // 2)
             byte = f.read(1)
