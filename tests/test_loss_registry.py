@@ -158,3 +158,26 @@ def test_out_of_range_label_under_jit_makes_ce_nan(bad):
     assert np.isfinite(float(f(logits, labels)["ce"]))
     parts = f(logits, labels.at[0].set(bad))
     assert np.isnan(float(parts["ce"])) and np.isnan(float(parts["loss"]))
+
+
+def test_pml_variants_are_config_fields():
+    """`--config.loss.triplet.triplets=all` and the contrastive `squared` / `average`
+    reach the loss functions (pytorch-metric-learning's default variants)."""
+    from configs import common
+    e = jax.random.normal(jax.random.key(1), (8, 4))
+    y = jnp.array([0, 0, 1, 1, 2, 2, 3, 3])
+    config = common.get_config("digits")
+    config.loss.name = "triplet"
+    config.loss.triplet.triplets = "all"
+    name, hparams = registry.hparams_from_config(config.loss)
+    got, _ = registry.metric_loss(name, embeddings=e, logits=None, labels=y, **hparams)
+    want = jnp.mean(losses.batch_hard_triplet_loss(e, y, triplets="all"))
+    assert float(got) == pytest.approx(float(want), rel=1e-6)
+    assert float(got) != pytest.approx(float(jnp.mean(losses.batch_hard_triplet_loss(e, y))))
+    config.loss.name = "contrastive"
+    config.loss.contrastive = ml_collections.ConfigDict(dict(squared=False,
+                                                             average="nonzero_pairs"))
+    name, hparams = registry.hparams_from_config(config.loss)
+    got, _ = registry.metric_loss(name, embeddings=e, logits=None, labels=y, **hparams)
+    want = jnp.mean(losses.contrastive_loss(e, y, squared=False, average="nonzero_pairs"))
+    assert float(got) == pytest.approx(float(want), rel=1e-6)

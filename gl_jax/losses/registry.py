@@ -49,11 +49,15 @@ _ENTRIES = (
               needs_proxies=False,
               description="Group Loss (Elezi et al. 2020) + auxiliary cross-entropy"),
     LossEntry("triplet",
-              dict(margin=0.2, soft_margin=False, normalize=True, squared=False, ce_weight=0.0),
+              # triplets='all': pytorch-metric-learning's default variant
+              dict(margin=0.2, soft_margin=False, normalize=True, squared=False,
+                   triplets="batch_hard", ce_weight=0.0),
               needs_proxies=False,
               description="batch-hard triplet (Hermans et al. 2017)"),
     LossEntry("contrastive",
-              dict(pos_margin=0.0, neg_margin=0.5, normalize=True, ce_weight=0.0),
+              # squared=False, average='nonzero_pairs': pytorch-metric-learning's variant
+              dict(pos_margin=0.0, neg_margin=0.5, normalize=True, squared=True,
+                   average="per_anchor", ce_weight=0.0),
               needs_proxies=False,
               description="contrastive over all pairs (Hadsell et al. 2006)"),
     LossEntry("multi_similarity",
