@@ -31,10 +31,13 @@ def get_config(dataset: str = "digits") -> ml_collections.ConfigDict:
     config.model.dtype = "float32"      # 'bfloat16' on accelerators; parameters stay float32
     config.model.init_from = ""         # an Orbax checkpoint from gl_jax.convert_weights
     # Head-only training: the backbone's parameters and BatchNorm statistics stay fixed,
-    # only the embedding layer and the classifier train. Without augmentation its
-    # features are computed once (cache_features) and an epoch costs a matrix multiply.
+    # only the embedding layer and the classifier train. Its features of every split are
+    # computed once (cache_features): evaluation runs only the head, and without
+    # augmentation an epoch costs a matrix multiply. features_dir: keep them on disk for
+    # later runs with the same backbone and data (sweeps of head or loss settings).
     config.model.freeze_backbone = False
     config.model.cache_features = True
+    config.model.features_dir = ""
 
     config.loss = ml_collections.ConfigDict()
     config.loss.name = "group_loss"
@@ -96,8 +99,12 @@ def get_config(dataset: str = "digits") -> ml_collections.ConfigDict:
     config.evals.nmi = True
     config.evals.map_at_r = True
     # Evaluate the network before any training too: results.json and the final table
-    # then show the gain. One extra pass over the test split.
+    # then show the gain. One extra pass over the test split (not with final_test False).
     config.evals.untrained_baseline = True
+    # False: no test evaluation at the end (results.json says so). For hyperparameter
+    # searches on the validation split: the same command with True later evaluates the
+    # finished run's selected model on the test split, once.
+    config.evals.final_test = True
 
     config.mesh = ml_collections.ConfigDict()
     config.mesh.num_devices = -1        # -1 = every device of every host

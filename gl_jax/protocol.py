@@ -80,14 +80,16 @@ def metrics(kind: str, embedded: dict, config, *, normalize: bool = True, rerank
 
 
 def evaluate_split(embedder: runtime.Embedder, params, model_state, splits: dict, split: str,
-                   config, mesh) -> dict:
+                   config, mesh, features: dict | None = None) -> dict:
     """Embeds what evaluating `split` needs ('test' = query vs gallery where the dataset has
-    no test split) with one model and returns the protocol's metrics."""
+    no test split) with one model and returns the protocol's metrics. `features`: split
+    name -> pooled backbone features, for an embedder that runs only the head."""
     kind, parts = eval_kind(splits, str(config.data.name), split)
     embedded = {}
     for part in parts:
         out = runtime.embed_source([(embedder, params, model_state)], splits[part], config, mesh,
-                                   desc=f"embed {part}")
+                                   desc=f"embed {part}",
+                                   features=None if features is None else features[part])
         embedded[part] = dict(out, embedding=out["embeddings"][0]["embedding"])
     return metrics(kind, embedded, config, junk_ids=junk_labels(splits, kind))
 

@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
+import os
 from typing import Any, Sequence
+
+from absl import logging
 
 import flax
 from flax import nnx
@@ -111,13 +116,18 @@ def abstract(tree):
 
 
 # ----------------------------------------------------------------------------- embedding
-def _embed_batch(graphdef, flip: bool, pooled: bool, params, model_state, images):
+def _embed_batch(graphdef, flip: bool, pooled: bool, from_features: bool, params, model_state,
+                 images):
     """Embeddings [B, d] (or, with `pooled`, the pooled backbone features [B, C]) in
     inference mode (BatchNorm running statistics); with `flip` also those of the
-    horizontally mirrored images (NHWC: the width axis is 2)."""
+    horizontally mirrored images (NHWC: the width axis is 2). `from_features`: `images`
+    are pooled backbone features [B, C] and only the head runs."""
     model = nnx.merge(graphdef, params, model_state, copy=True)
     model.eval()
-    forward = model.pool if pooled else (lambda x: model(x)[0])
+    if from_features:
+        forward = lambda x: model.head(x)[0]
+    else:
+        forward = model.pool if pooled else (lambda x: model(x)[0])
     embedding = forward(images)
     if not flip:
         return embedding, embedding
@@ -130,31 +140,67 @@ class Embedder:
 
     Build it once per graph: calling it with new parameters reuses the compiled step.
     Parameters keep the shardings they arrive with (replicated or `shard_params`).
-    `pooled`: the pooled backbone features instead of the embeddings."""
+    `pooled`: the pooled backbone features instead of the embeddings. `from_features`:
+    it is fed pooled backbone features (`backbone_features`) and runs only the head."""
     graphdef: Any
     mesh: Mesh
     flip: bool = False
     pooled: bool = False
+    from_features: bool = False
+
+    def __post_init__(self):
+        if self.from_features and (self.flip or self.pooled):
+            raise ValueError("an Embedder fed pooled features can neither flip nor pool")
 
     @functools.cached_property
     def step(self):
         data = NamedSharding(self.mesh, P("data"))
-        return jax.jit(functools.partial(_embed_batch, self.graphdef, self.flip, self.pooled),
+        return jax.jit(functools.partial(_embed_batch, self.graphdef, self.flip, self.pooled,
+                                         self.from_features),
                        out_shardings=(data, data))
 
 
+def _feature_batches(source, features: np.ndarray, batch_size: int, process_index: int,
+                     process_count: int):
+    """The eval iterator's batches (same order, padding and host slices) with rows of
+    `features` [len(source), C] in place of images."""
+    local = batch_size // process_count
+    labels = np.asarray(source.labels)
+    cameras = source.cameras if source.cameras is not None else np.full(len(source), -1)
+    for b in range(gdata.eval_steps(source, batch_size)):
+        index = b * batch_size + process_index * local + np.arange(local)
+        mask = index < len(source)
+        row = np.where(mask, index, 0)
+        yield {"image": np.asarray(features[row], np.float32),
+               "label": np.where(mask, labels[row], -1).astype(np.int32),
+               "camera": np.where(mask, cameras[row], -1).astype(np.int32),
+               "index": np.where(mask, index, -1).astype(np.int64), "mask": mask}
+
+
 def embed_source(jobs: Sequence[tuple[Embedder, Any, Any]], source, config, mesh: Mesh, *,
-                 desc: str = "embed") -> dict:
+                 desc: str = "embed", features: np.ndarray | None = None) -> dict:
     """One pass over `source` embedding every record with each (embedder, params,
     model_state) of `jobs`; every process gets the embeddings of all records.
+    `features`: the records' pooled backbone features, fed instead of the images (to
+    embedders built with `from_features`).
 
     Returns {'label', 'camera', 'index': [n], 'embeddings': [{'embedding': [n, d],
     'flipped': [n, d] (only for a flipping embedder)} per job]}; padding rows dropped."""
     batch_size = int(config.evals.batch_size)
     data_sharding = NamedSharding(mesh, P("data"))
-    iterator = gdata.make_eval_iterator(source, config.data, batch_size,
-                                        process_index=jax.process_index(),
-                                        process_count=jax.process_count())
+    if any(embedder.from_features != (features is not None) for embedder, _, _ in jobs):
+        raise ValueError("embed_source: features go with (and only with) from_features "
+                         "embedders")
+    if features is not None:
+        if len(features) != len(source):
+            raise ValueError(f"{source.name}: {len(features)} feature rows for {len(source)} "
+                             "records")
+        iterator = _feature_batches(source, features, batch_size, jax.process_index(),
+                                    jax.process_count())
+    else:
+        iterator = gdata.make_eval_iterator(source, config.data, batch_size,
+                                            process_index=jax.process_index(),
+                                            process_count=jax.process_count())
 
     def gather(x):
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
@@ -177,3 +223,69 @@ def embed_source(jobs: Sequence[tuple[Embedder, Any, Any]], source, config, mesh
     result["embeddings"] = [{k: np.concatenate(v)[keep] for k, v in out.items() if v}
                             for out in parts]
     return result
+
+
+# ------------------------------------------------------------------ frozen-backbone features
+# Model fields that do not change what the backbone computes (they only shape the head or
+# say how to train it): two runs that differ in these share their backbone features.
+_HEAD_FIELDS = ("embedding_dim", "freeze_backbone", "cache_features", "features_dir")
+
+
+def _features_key(config, source, split: str) -> str:
+    """A digest of everything the pooled features of `source` depend on."""
+    model = {k: v for k, v in config.model.to_dict().items() if k not in _HEAD_FIELDS}
+    data = {k: v for k, v in config.data.to_dict().items() if k not in ("seed", "scan")}
+    weights = []
+    if config.model.init_from:
+        for folder, _, files in sorted(os.walk(config.model.init_from)):
+            for name in sorted(files):
+                stat = os.stat(os.path.join(folder, name))
+                weights.append([os.path.relpath(os.path.join(folder, name),
+                                                config.model.init_from),
+                                stat.st_size, stat.st_mtime_ns])
+    key = {"model": model, "data": data, "split": split, "source": source.name,
+           "records": len(source),
+           "labels": hashlib.sha1(np.ascontiguousarray(source.labels).tobytes()).hexdigest(),
+           "weights": weights,
+           # A backbone without init_from is random: its features depend on the seed.
+           "seed": None if config.model.init_from else int(config.seed)}
+    text = json.dumps(key, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def backbone_features(graphdef, params, model_state, source, config, mesh: Mesh, *,
+                      split: str) -> np.ndarray:
+    """The frozen backbone's pooled features [len(source), C] of every record of `source`
+    (the eval transform), in index order.
+
+    With `config.model.features_dir` set they are kept there as `.npy` files named by a
+    digest of the model and data settings, the weights' files (names, sizes, times) and
+    the split, and later runs with the same backbone and data (a sweep over head or loss
+    settings) load them instead of running the backbone again."""
+    path = ""
+    if config.model.features_dir:
+        path = os.path.join(config.model.features_dir,
+                            f"{split}_{_features_key(config, source, split)}.npy")
+        if os.path.isfile(path):
+            try:
+                features = np.load(path)
+            except (OSError, ValueError) as e:
+                logging.warning("%s: unreadable (%s); computing the features again", path, e)
+            else:
+                if features.ndim == 2 and len(features) == len(source):
+                    return features
+                logging.warning("%s holds %s, not %d rows; computing the features again",
+                                path, features.shape, len(source))
+    replicated = NamedSharding(mesh, P())
+    params, model_state = jax.device_put((params, model_state), replicated)
+    out = embed_source([(Embedder(graphdef, mesh, pooled=True), params, model_state)], source,
+                       config, mesh, desc=f"backbone features ({split})")
+    rows = out["embeddings"][0]["embedding"]
+    features = np.zeros((len(source), rows.shape[1]), np.float32)
+    features[out["index"]] = rows
+    if path and jax.process_index() == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        partial = f"{path}.{os.getpid()}.tmp.npy"   # a crash leaves no half-written cache
+        np.save(partial, features)
+        os.replace(partial, path)
+    return features

@@ -416,6 +416,7 @@ class Run:
     meta: dict                 # bookkeeping saved with each checkpoint
     val_split: str             # where the best model is selected: 'val' or 'test'
     make_iterator: Callable    # stage -> a fresh training iterator for it
+    features: dict | None = None   # split -> a frozen backbone's features (head-only)
 
     @property
     def data_sharding(self) -> NamedSharding:
@@ -427,7 +428,8 @@ class Run:
     def evaluate(self, state, split: str) -> dict:
         """The protocol's metrics of `split` ('test' = query vs gallery where it applies)."""
         return protocol.evaluate_split(self.embedder, state.params, state.model_state,
-                                       self.splits, split, self.config, self.mesh)
+                                       self.splits, split, self.config, self.mesh,
+                                       features=self.features)
 
     def selection_score(self, metrics: dict) -> float:
         kind, _ = protocol.eval_kind(self.splits, str(self.config.data.name), self.val_split)
@@ -549,10 +551,19 @@ def _train_and_evaluate(config, workdir: str) -> TrainState:
                                                              bool(config.mesh.shard_params)))
 
     features = None
-    if any(s.from_features for s in stages):
-        features = _backbone_features(graphdef, params, model_state, splits["train"], config,
-                                      mesh)
-    make_iterator = functools.partial(_train_iterator, splits["train"], features)
+    if bool(config.model.freeze_backbone) and bool(config.model.cache_features):
+        # The frozen backbone computes the same eval-transform features at every
+        # evaluation (and, on fixed inputs, at every training step): compute each split's
+        # once (or load them from config.model.features_dir) and run only the head.
+        features = {name: runtime.backbone_features(graphdef, params, model_state, source,
+                                                    config, mesh, split=name)
+                    for name, source in splits.items()}
+        say(f"frozen backbone: features of {', '.join(features)} ready "
+            f"({next(iter(features.values())).shape[1]}-d); the head "
+            + ("trains and " if any(s.from_features for s in stages) else "")
+            + "is evaluated on them")
+    make_iterator = functools.partial(_train_iterator, splits["train"],
+                                      None if features is None else features["train"])
 
     meta = {"step": 0, "best_score": -math.inf, "best_step": -1, "best_epoch": -1,
             "protocol": config.selection.protocol}
@@ -567,12 +578,15 @@ def _train_and_evaluate(config, workdir: str) -> TrainState:
     run = Run(config=config, mesh=mesh, graphdef=graphdef, splits=splits,
               checkpoints=checkpoints,
               writer=metric_writers.MetricWriter(workdir) if is_main else None,
-              embedder=runtime.Embedder(graphdef, mesh),
+              embedder=runtime.Embedder(graphdef, mesh, from_features=features is not None),
+              features=features,
               preemption=_Preemption(float(config.checkpoint.preemption_timeout_s)), meta=meta,
               make_iterator=make_iterator,
               val_split="val" if config.selection.protocol == "validation" else "test")
 
-    if resumed is None and config.evals.untrained_baseline:
+    # Not in a search on the validation split (final_test False): the test split stays
+    # untouched until the chosen runs are evaluated.
+    if resumed is None and config.evals.untrained_baseline and config.evals.final_test:
         # The same network before any training: the reference the gain is measured from.
         meta["untrained_test"] = run.evaluate(state, "test")
         say(f"before training: test {_headline(meta['untrained_test'])}")
@@ -602,22 +616,6 @@ def _train_iterator(source, features, stage: Stage):
     return gdata.make_train_iterator(
         source, stage.data_config, stage.sampler_config, process_index=jax.process_index(),
         process_count=jax.process_count(), features=features if stage.from_features else None)
-
-
-def _backbone_features(graphdef, params, model_state, source, config, mesh) -> np.ndarray:
-    """The frozen backbone's pooled features [len(source), C] of every training record (the
-    eval transform: what the training iterator would feed without augmentation)."""
-    replicated = NamedSharding(mesh, P())
-    params, model_state = jax.device_put((params, model_state), replicated)
-    out = runtime.embed_source(
-        [(runtime.Embedder(graphdef, mesh, pooled=True), params, model_state)], source,
-        config, mesh, desc="backbone features")
-    rows = out["embeddings"][0]["embedding"]
-    features = np.zeros((len(source), rows.shape[1]), np.float32)
-    features[out["index"]] = rows
-    say(f"frozen backbone: features of {len(source):,} training images computed once "
-        f"({rows.shape[1]}-d); the head trains on them")
-    return features
 
 
 def _resume(checkpoints: ckpt.Checkpoints, stages: list[Stage], fresh_state, make_iterator):
@@ -743,9 +741,20 @@ def _reload_best(run: Run, epoch: int, state):
 
 def _final_evaluation(run: Run, state, workdir: str, step: int) -> None:
     """Test metrics of the selected (best) model, printed and saved in results.json."""
+    meta, protocol_name = run.meta, run.config.selection.protocol
+    if not run.config.evals.final_test:
+        results = {"protocol": protocol_name, "selected_epoch": meta["best_epoch"],
+                   "selected_step": meta["best_step"], "selection_score": meta["best_score"],
+                   "test": None, "note": "not evaluated on the test split "
+                   "(config.evals.final_test = False)"}
+        if jax.process_index() == 0:
+            with open(os.path.join(workdir, "results.json"), "w") as f:
+                json.dump(results, f, indent=2)
+        say(f"\nNo test evaluation (config.evals.final_test = False); the same command with "
+            f"--config.evals.final_test=True evaluates this run's selected model.\n")
+        return
     best = run.checkpoints.restore_best(runtime.abstract(state))
     metrics = run.evaluate(best if best is not None else state, "test")
-    meta, protocol_name = run.meta, run.config.selection.protocol
     if meta["best_step"] < 0:
         note = "the final model: no evaluation during training selected one"
     elif protocol_name == "paper":

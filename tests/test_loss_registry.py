@@ -31,7 +31,7 @@ def _ce(logits, labels):
 
 def test_every_loss_has_ce_weight_and_is_callable_by_name():
     assert set(registry.available_losses()) == {
-        "group_loss", "triplet", "contrastive", "multi_similarity", "proxy_anchor",
+        "group_loss", "cross_entropy", "triplet", "contrastive", "multi_similarity", "proxy_anchor",
         "normalized_softmax"}
     emb, logits, labels, proxies = _batch()
     for name in registry.available_losses():
@@ -181,3 +181,22 @@ def test_pml_variants_are_config_fields():
     got, _ = registry.metric_loss(name, embeddings=e, logits=None, labels=y, **hparams)
     want = jnp.mean(losses.contrastive_loss(e, y, squared=False, average="nonzero_pairs"))
     assert float(got) == pytest.approx(float(want), rel=1e-6)
+
+
+def test_cross_entropy_alone_is_the_classification_baseline():
+    """'cross_entropy': no metric term, total = ce_weight x the softmax cross-entropy
+    (checked against numpy); ce_weight 0 would train nothing and is refused."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(6, 4)).astype(np.float32)
+    labels = np.array([0, 1, 2, 3, 0, 1])
+    embeddings = rng.normal(size=(6, 3)).astype(np.float32)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_p = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    expected = -np.mean(log_p[np.arange(6), labels])
+    total, parts = registry.metric_loss("cross_entropy", embeddings=embeddings, logits=logits,
+                                        labels=labels, ce_weight=2.0)
+    assert float(parts["cross_entropy"]) == 0.0
+    np.testing.assert_allclose(float(total), 2.0 * expected, rtol=1e-6)
+    with pytest.raises(ValueError, match="trains nothing"):
+        registry.metric_loss("cross_entropy", embeddings=embeddings, logits=logits,
+                             labels=labels, ce_weight=0.0)

@@ -388,3 +388,100 @@ def test_cached_features_train_exactly_as_the_frozen_backbone(tmp_path):
         np.testing.assert_allclose(value, runs[False][1][key], rtol=1e-4, atol=1e-6,
                                    err_msg=key)
     assert runs[True][2]["recall@1"] == pytest.approx(runs[False][2]["recall@1"], abs=2e-3)
+
+
+def test_features_feed_the_head_exactly_as_the_images_feed_the_network():
+    """An embedder fed pooled features (head only) gives the embeddings of the whole
+    network on the images, in the same order, padding rows dropped (71 records, batches
+    of 32 on 2 devices: the last batch is padded)."""
+    config = quick_config(model__embedding_dim=16, evals__batch_size=32)
+    config.mesh.num_devices = 2
+    splits = runtime.load_splits(config)
+    source = splits["test"]
+    model = runtime.build_model(config, splits["train"].num_classes)
+    graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
+    mesh = runtime.make_mesh(config.mesh)
+    features = runtime.backbone_features(graphdef, params, model_state, source, config, mesh,
+                                         split="test")
+    assert features.shape[0] == len(source) and features.ndim == 2
+    whole = runtime.embed_source([(runtime.Embedder(graphdef, mesh), params, model_state)],
+                                 source, config, mesh)
+    head = runtime.embed_source(
+        [(runtime.Embedder(graphdef, mesh, from_features=True), params, model_state)],
+        source, config, mesh, features=features)
+    np.testing.assert_array_equal(head["index"], whole["index"])
+    np.testing.assert_array_equal(head["label"], whole["label"])
+    np.testing.assert_allclose(head["embeddings"][0]["embedding"],
+                               whole["embeddings"][0]["embedding"], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="features go with"):
+        runtime.embed_source([(runtime.Embedder(graphdef, mesh), params, model_state)],
+                             source, config, mesh, features=features)
+    with pytest.raises(ValueError, match="feature rows"):
+        runtime.embed_source(
+            [(runtime.Embedder(graphdef, mesh, from_features=True), params, model_state)],
+            source, config, mesh, features=features[:-1])
+
+
+def test_backbone_features_are_kept_on_disk_and_reused(tmp_path, monkeypatch):
+    """features_dir: the second call loads the file (the backbone does not run), a changed
+    data setting or a damaged file computes them again, a head setting does not."""
+    config = quick_config(model__embedding_dim=16)
+    config.model.features_dir = str(tmp_path / "features")
+    splits = runtime.load_splits(config)
+    model = runtime.build_model(config, splits["train"].num_classes)
+    graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
+    mesh = runtime.make_mesh(config.mesh)
+    calls = []
+    real = runtime.embed_source
+    monkeypatch.setattr(runtime, "embed_source", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def features(c, split="train"):
+        return runtime.backbone_features(graphdef, params, model_state, splits[split], c, mesh,
+                                         split=split)
+
+    first = features(config)
+    assert len(calls) == 1 and len(os.listdir(config.model.features_dir)) == 1
+    np.testing.assert_array_equal(features(config), first)
+    head_change = quick_config(model__embedding_dim=8, loss__temperature=3.0,
+                               model__freeze_backbone=True)
+    head_change.model.features_dir = config.model.features_dir
+    np.testing.assert_array_equal(features(head_change), first)
+    assert len(calls) == 1
+    (path,) = os.listdir(config.model.features_dir)
+    # A random backbone (no init_from) depends on the seed: another seed, another file.
+    other_seed = quick_config(model__embedding_dim=16)
+    other_seed.seed = config.seed + 1
+    other_seed.model.features_dir = config.model.features_dir
+    features(other_seed)
+    assert len(calls) == 2 and len(os.listdir(config.model.features_dir)) == 2
+    features(config, split="test")
+    assert len(calls) == 3
+    # A damaged file is recomputed, with a warning, and rewritten.
+    with open(os.path.join(config.model.features_dir, path), "wb") as f:
+        f.write(b"not an array")
+    np.testing.assert_array_equal(features(config), first)
+    assert len(calls) == 4
+    np.testing.assert_array_equal(np.load(os.path.join(config.model.features_dir, path)), first)
+    changed = quick_config(model__embedding_dim=16, data__normalization="imagenet")
+    changed.model.features_dir = config.model.features_dir
+    assert not np.array_equal(features(changed), first)
+    assert len(calls) == 5
+
+
+def test_final_test_off_then_on_evaluates_the_finished_run_once(tmp_path):
+    """evals.final_test = False: no test metrics; the same run with True later evaluates
+    the selected model on the test split without training again."""
+    overrides = dict(warmup__epochs=0, schedule__epochs=1, schedule__steps_per_epoch=3,
+                     schedule__lr_drop_epochs=(), schedule__lr_drop_factors=(),
+                     evals__untrained_baseline=False)
+    workdir = str(tmp_path / "run")
+    config = quick_config(evals__final_test=False, **overrides)
+    state = train.train_and_evaluate(config, workdir)
+    results = read_results(workdir)
+    assert results["test"] is None and "final_test = False" in results["note"]
+    assert not any(k.startswith("final_test/") for r in read_metrics(workdir) for k in r)
+    again = train.train_and_evaluate(quick_config(evals__final_test=True, **overrides), workdir)
+    assert int(again.step) == int(state.step) == 3
+    for key, value in _flat(state.params).items():
+        np.testing.assert_array_equal(value, _flat(again.params)[key])
+    assert 0.0 < read_results(workdir)["test"]["recall@1"] <= 1.0

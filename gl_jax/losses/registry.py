@@ -48,6 +48,11 @@ _ENTRIES = (
                    random_anchors=False, ce_weight=1.0),
               needs_proxies=False,
               description="Group Loss (Elezi et al. 2020) + auxiliary cross-entropy"),
+    LossEntry("cross_entropy",
+              dict(ce_weight=1.0),
+              needs_proxies=False,
+              description="softmax cross-entropy over the training classes alone (the "
+                          "classification baseline: no metric term)"),
     LossEntry("triplet",
               # triplets='all': pytorch-metric-learning's default variant
               dict(margin=0.2, soft_margin=False, normalize=True, squared=False,
@@ -161,6 +166,7 @@ def _group(embeddings, logits, labels, step_key, *, temperature, num_iterations,
 
 _CALLS: Mapping[str, Callable[..., jax.Array]] = {
     "group_loss": lambda e, z, y, p, k, **h: _group(e, z, y, k, **h),
+    "cross_entropy": lambda e, z, y, p, k: jnp.zeros((), jnp.float32),
     "triplet": lambda e, z, y, p, k, **h: jnp.mean(batch_hard_triplet_loss(e, y, **h)),
     "contrastive": lambda e, z, y, p, k, **h: jnp.mean(contrastive_loss(e, y, **h)),
     "multi_similarity": lambda e, z, y, p, k, **h: jnp.mean(multi_similarity_loss(e, y, **h)),
@@ -204,6 +210,9 @@ def metric_loss(name: str, *, embeddings: jax.Array, logits: jax.Array | None,
     ce_weight = hparams.pop("ce_weight")
     if entry.needs_proxies and proxies is None:
         raise ValueError(f"loss {name!r} needs proxies [m, d] (the classifier weights); got None.")
+    if name == "cross_entropy" and ce_weight <= 0:
+        raise ValueError(f"loss 'cross_entropy' with ce_weight = {ce_weight} trains nothing; "
+                         "it needs ce_weight > 0.")
     if logits is None and (name == "group_loss" or ce_weight != 0):
         raise ValueError(f"loss {name!r} with ce_weight = {ce_weight} needs logits; got None.")
     metric = _CALLS[name](embeddings, logits, labels, proxies, step_key, **hparams)
