@@ -19,6 +19,7 @@ def get_config(arg: str | None = None):
     config.model.name = "bninception"
     config.loss.temperature = 79.0
     config.loss.anchors_per_class = 3
+    common.paper_group_loss(config)
     config.optimizer.lr = 2e-4
     config.optimizer.weight_decay = 4.86e-7
     if arg == "quick":

@@ -21,6 +21,7 @@ def get_config(arg: str | None = None):
     config.model.name = "bninception"
     config.loss.temperature = 24.0
     config.loss.anchors_per_class = 2
+    common.paper_group_loss(config)
     config.optimizer.lr = 1.5637e-4
     config.optimizer.weight_decay = 6.06e-6
     if arg == "quick":

@@ -19,6 +19,7 @@ def get_config(arg: str | None = None):
     config.sampler.samples_per_class = 6
     config.loss.temperature = 54.0
     config.loss.anchors_per_class = 2
+    common.paper_group_loss(config)
     config.optimizer.lr = 6.078e-4
     config.optimizer.weight_decay = 5.27e-12
     config.evals.ks = (1, 10, 20, 30, 40, 50)

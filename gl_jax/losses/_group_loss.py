@@ -189,10 +189,11 @@ def group_loss(logits: jax.Array,
     give a loss of about 0. Cost: O(n^2 d + num_iterations * n^2 m).
 
     The paper's total objective adds a plain cross-entropy on the logits (temperature 1),
-    which this function does not include so that callers can weigh it; the gl_jax trainer
-    uses ``mean(group_loss) + 1.0 * mean(softmax_cross_entropy(logits, labels))``
-    (`config.loss.ce_weight`, 1.0 by default as in the reference). Dropping it costs about
-    1 point of Recall@1 according to the authors.
+    which this function does not include so that callers can weigh it: the reference
+    uses ``mean(group_loss) + 1.0 * mean(softmax_cross_entropy(logits, labels))``; the
+    gl_jax trainer's default weight (`config.loss.ce_weight`) is 0.3, with 3 replicator
+    iterations, chosen on validation data (`experiments/omniglot/STUDY.md`). Dropping it
+    costs about 1 point of Recall@1 according to the authors.
 
     Args:
         logits: `[n, m]` class scores over all m training classes (not just the batch's).
