@@ -71,9 +71,12 @@ def test_digits_quick_fits_its_training_classes(quick_run):
     workdir, _ = quick_run
     rows = [r for r in read_metrics(workdir) if "group/group_loss" in r]
     first, last = rows[0], rows[-2:]
-    assert np.mean([r["group/group_loss"] for r in last]) < first["group/group_loss"] - 0.05
-    assert np.mean([r["group/ce"] for r in last]) < first["group/ce"] - 0.15
-    assert np.mean([r["group/accuracy"] for r in last]) > first["group/accuracy"] + 0.25
+    # Measured (default objective: group loss + 0.3 x CE): total 0.94 -> 0.66, group loss
+    # 0.49 -> 0.22, CE 1.50 -> 1.45, accuracy 0.23 -> 0.52.
+    assert np.mean([r["group/loss"] for r in last]) < first["group/loss"] - 0.15
+    assert np.mean([r["group/group_loss"] for r in last]) < first["group/group_loss"] - 0.1
+    assert np.mean([r["group/ce"] for r in last]) < first["group/ce"] - 0.02
+    assert np.mean([r["group/accuracy"] for r in last]) > first["group/accuracy"] + 0.2
 
 
 # The image-folder layout, tested on real data: one of the Omniglot zips shipped in the
