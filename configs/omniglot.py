@@ -11,8 +11,8 @@ embedding) from scratch at 32 px, no augmentation, 16 characters x 4 drawings pe
 the Group Loss at the library's defaults (T = 24, 2 anchors per class, 3 iterations,
 auxiliary cross-entropy weight 0.3: chosen on validation characters by
 experiments/omniglot/study.py), RAdam lr 1e-3 (b2 = 0.95), 8 epochs of 42 steps, lr / 10
-in the last one, no classification warm-up. The test characters never select the model: no evaluation
-inside the loop, the final model is tested once.
+in the last one, no classification warm-up. The test characters never select the model:
+no evaluation inside the loop, the final model is tested once.
 
 Hardware: CPU, no GPU. On an idle 2-core machine: 77 s wall, 97 s of CPU time (user +
 sys) from `python` starting to the printed table, compilation included (no compilation

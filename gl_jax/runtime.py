@@ -160,23 +160,6 @@ class Embedder:
                        out_shardings=(data, data))
 
 
-def _feature_batches(source, features: np.ndarray, batch_size: int, process_index: int,
-                     process_count: int):
-    """The eval iterator's batches (same order, padding and host slices) with rows of
-    `features` [len(source), C] in place of images."""
-    local = batch_size // process_count
-    labels = np.asarray(source.labels)
-    cameras = source.cameras if source.cameras is not None else np.full(len(source), -1)
-    for b in range(gdata.eval_steps(source, batch_size)):
-        index = b * batch_size + process_index * local + np.arange(local)
-        mask = index < len(source)
-        row = np.where(mask, index, 0)
-        yield {"image": np.asarray(features[row], np.float32),
-               "label": np.where(mask, labels[row], -1).astype(np.int32),
-               "camera": np.where(mask, cameras[row], -1).astype(np.int32),
-               "index": np.where(mask, index, -1).astype(np.int64), "mask": mask}
-
-
 def embed_source(jobs: Sequence[tuple[Embedder, Any, Any]], source, config, mesh: Mesh, *,
                  desc: str = "embed", features: np.ndarray | None = None) -> dict:
     """One pass over `source` embedding every record with each (embedder, params,
@@ -191,16 +174,9 @@ def embed_source(jobs: Sequence[tuple[Embedder, Any, Any]], source, config, mesh
     if any(embedder.from_features != (features is not None) for embedder, _, _ in jobs):
         raise ValueError("embed_source: features go with (and only with) from_features "
                          "embedders")
-    if features is not None:
-        if len(features) != len(source):
-            raise ValueError(f"{source.name}: {len(features)} feature rows for {len(source)} "
-                             "records")
-        iterator = _feature_batches(source, features, batch_size, jax.process_index(),
-                                    jax.process_count())
-    else:
-        iterator = gdata.make_eval_iterator(source, config.data, batch_size,
-                                            process_index=jax.process_index(),
-                                            process_count=jax.process_count())
+    iterator = gdata.make_eval_iterator(source, config.data, batch_size,
+                                        process_index=jax.process_index(),
+                                        process_count=jax.process_count(), features=features)
 
     def gather(x):
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -230,8 +230,9 @@ class _FeatureElement:
 class _EvalElement:
     """Element position -> one eval record, or a padding row (mask False) past the end."""
 
-    def __init__(self, source, data_config, global_size, local, process_index):
+    def __init__(self, source, data_config, global_size, local, process_index, features=None):
         self.source = source
+        self.features = features
         self.global_size = global_size
         self.local = local
         self.offset = process_index * local
@@ -244,10 +245,15 @@ class _EvalElement:
         step, slot = divmod(position, self.local)
         index = step * self.global_size + self.offset + slot
         size = self.image_size
-        pad = dict(image=np.zeros((size, size, 3), np.uint8), label=-1, camera=-1, index=-1,
-                   mask=False)
+        shape = (size, size, 3) if self.features is None else self.features.shape[1:]
+        pad = dict(image=np.zeros(shape, np.uint8 if self.features is None else np.float32),
+                   label=-1, camera=-1, index=-1, mask=False)
         if index >= len(self.source):
             return pad
+        camera = -1 if self.source.cameras is None else int(self.source.cameras[index])
+        if self.features is not None:
+            return dict(image=self.features[index], label=int(self.source.labels[index]),
+                        camera=camera, index=index, mask=True)
         try:
             image = self.source.load_pil(index)
         except CorruptImageError as err:
@@ -256,7 +262,6 @@ class _EvalElement:
             # evaluating another image in its place would change the eval set: mask it out.
             logging.warning("skip_corrupt: %s; left out of the evaluation (mask False)", err)
             return dict(pad, index=index)
-        camera = -1 if self.source.cameras is None else int(self.source.cameras[index])
         return dict(image=eval_transform(image, size, self.resize_size, self.interpolation),
                     label=int(self.source.labels[index]), camera=camera, index=index, mask=True)
 
@@ -275,7 +280,7 @@ def eval_steps(source: Source, batch_size: int) -> int:
 
 
 def make_eval_iterator(source: Source, data_config, batch_size: int, *, process_index: int = 0,
-                       process_count: int = 1):
+                       process_count: int = 1, features=None):
     """One pass over `source` in index order, `batch_size` records per global batch.
 
     Global batch b holds records [b * batch_size, (b + 1) * batch_size); this host gets
@@ -283,11 +288,19 @@ def make_eval_iterator(source: Source, data_config, batch_size: int, *, process_
     [L, S, S, 3], label int32 [L], camera int32 [L] (-1 unknown), index int64 [L],
     mask bool [L]); rows past the end are padding (mask False, label/index -1), so every
     batch has the same shape. With skip_corrupt, a corrupt image's row has mask False.
+
+    `features` [len(source), C]: precomputed per-record features (a frozen backbone's);
+    the batches' 'image' is then their rows [L, C], nothing is decoded.
     """
     validate_data_config(data_config)
     local = _local_batch_size(int(batch_size), process_count)
     host_slice(np.zeros((1, int(batch_size))), process_index, process_count)  # validates
-    element = _EvalElement(source, data_config, int(batch_size), local, process_index)
+    if features is not None:
+        if len(features) != len(source):
+            raise ValueError(f"{source.name}: {len(features)} feature rows for {len(source)} "
+                             "records")
+        features = np.asarray(features, np.float32)
+    element = _EvalElement(source, data_config, int(batch_size), local, process_index, features)
     dataset = (grain.MapDataset.range(eval_steps(source, batch_size) * local).map(element)
                .batch(local, drop_remainder=True, batch_fn=_stack_eval))
-    return iter(_finish(dataset, data_config))
+    return iter(_finish(dataset, data_config, normalized=features is not None))
