@@ -23,11 +23,12 @@ POOLINGS = ("avg", "max", "mix")
 
 # ---------------------------------------------------------------------------------------
 # Per-platform kernels. XLA:CPU runs some of this package's ops far slower than the
-# arithmetic needs (issue 14): the backward pass of max-pooling (select_and_scatter) and
-# depthwise convolutions (see conv_general_dilated: written, tested, not yet used). On the CPU the
-# functions below therefore compute the same math from shifted strided slices, which
-# XLA:CPU fuses into a few loops; on GPU/TPU XLA's native ops are used. This is the ONE
-# place that decides.
+# arithmetic needs (issue 14): the backward pass of max-pooling (select_and_scatter), of
+# depthwise convolutions (the kernel gradient becomes a dense C x C convolution), and
+# dense convolutions with tiny outputs. On the CPU the functions below therefore compute
+# the same math from shifted strided slices, which XLA:CPU fuses into a few loops, or as
+# one matrix multiply; on GPU/TPU XLA's native ops are used. Beside them, the XLA flag
+# that moves CPU convolutions from YNNPACK to Eigen. This is the ONE place that decides.
 # ---------------------------------------------------------------------------------------
 _CPU_KERNELS_OVERRIDE: bool | None = None
 CPU_KERNELS_ENV = "GL_JAX_CPU_KERNELS"
@@ -51,6 +52,37 @@ def cpu_kernels_enabled() -> bool:
     return jax.default_backend() == "cpu"
 
 
+# jaxlib 0.10's XLA:CPU runs convolutions through YNNPACK; its Eigen convolutions were
+# 1.3-1.7x faster on the backbones' shapes here (forward and both gradients, float32,
+# 2 cores, experiments/bench_models.py) and as exact against float64, while YNNPACK stays
+# the faster matrix multiply. XLA reads XLA_FLAGS once, when the first backend starts, so
+# the choice is made when this module is imported and only if no backend has started.
+EIGEN_CONVOLUTIONS_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+_FLAG_TESTED_JAX = ("0.10.",)  # the flag is experimental: an unknown XLA flag is fatal
+
+
+def prefer_eigen_convolutions_on_cpu() -> bool:
+    """Add EIGEN_CONVOLUTIONS_FLAG to XLA_FLAGS when that can still take effect and the
+    user has not decided: no JAX backend started yet, XLA_FLAGS sets no YNNPACK fusion
+    type, GL_JAX_CPU_KERNELS is not '0', and this jax version was measured. Only the CPU
+    backend reads the flag. Returns whether the flag is now in XLA_FLAGS."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if EIGEN_CONVOLUTIONS_FLAG in flags.split():
+        return True
+    if ("xla_cpu_experimental_ynn_fusion_type" in flags
+            or os.environ.get(CPU_KERNELS_ENV, "").strip().lower() in ("0", "false", "off", "no")
+            or not jax.__version__.startswith(_FLAG_TESTED_JAX)):
+        return False
+    try:
+        from jax._src import xla_bridge  # no public way to ask without starting a backend
+        if xla_bridge.backends_are_initialized():
+            return False
+    except (ImportError, AttributeError):
+        return False
+    os.environ["XLA_FLAGS"] = f"{flags} {EIGEN_CONVOLUTIONS_FLAG}".strip()
+    return True
+
+
 @contextlib.contextmanager
 def cpu_kernels(enabled: bool | None):
     """Force the CPU kernels on (True) or off (False) while tracing inside the block;
@@ -61,6 +93,9 @@ def cpu_kernels(enabled: bool | None):
         yield
     finally:
         _CPU_KERNELS_OVERRIDE = previous
+
+
+prefer_eigen_convolutions_on_cpu()
 
 
 def _window_slices(padded: jax.Array, window: tuple[int, int], stride: tuple[int, int],
@@ -103,23 +138,41 @@ def depthwise_conv_shifted(x: jax.Array, kernel: jax.Array, stride: tuple[int, i
     The same function as ``lax.conv_general_dilated(..., feature_group_count=C)``; JAX's
     autodiff of it (slices -> pads, products -> per-tap reductions) replaces the native
     grouped convolution's backward, whose kernel gradient XLA:CPU lowers to a dense
-    C x C convolution plus a diagonal extraction. (A hand-written VJP was faster but, under
-    jit, XLA:CPU 0.10.2 with its YNNPACK fusions computed wrong gradients from it.)
+    C x C convolution plus a diagonal extraction (EfficientNet-Lite0's training step about
+    5x faster at 112 px).
     """
     return _depthwise_taps(x, kernel, stride, padding)
+
+
+# A dense convolution whose output is at most this many pixels (the last stage of an
+# ImageNet-stem network on 48-64 px inputs: 2 x 2) runs as one matrix multiply of its
+# patches on the CPU: XLA:CPU's convolution took 260 ms for a 3 x 3, 512 -> 512
+# convolution on 32 2 x 2 maps, the patch product 3 ms (issue 14).
+SMALL_OUTPUT_PIXELS = 9
+
+
+def conv_patches_dot(x: jax.Array, kernel: jax.Array, stride: tuple[int, int],
+                     padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+    """Dense convolution of NHWC ``x`` with an HWIO kernel as [B*oh*ow, kh*kw*I] patches
+    (shifted strided slices, concatenated tap-major) times the kernel as a
+    [kh*kw*I, O] matrix: the same function as ``lax.conv_general_dilated``."""
+    kh, kw, i, o = kernel.shape
+    padded = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+    out_hw = tuple((padded.shape[1 + a] - (kh, kw)[a]) // stride[a] + 1 for a in range(2))
+    taps = [window for _, window in _window_slices(padded, (kh, kw), stride, out_hw)]
+    patches = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
+    out = jnp.dot(patches.reshape(-1, kh * kw * i), kernel.reshape(kh * kw * i, o))
+    return out.reshape(x.shape[0], *out_hw, o)
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                          precision=None, **kwargs):
-    """``jax.lax.conv_general_dilated`` (the signature ``nnx.Conv`` calls), except that a
-    2-D NHWC depthwise convolution goes through ``depthwise_conv_shifted`` when
-    ``cpu_kernels_enabled()``.
-
-    NOT wired into ``conv()`` (so not used by EfficientNet-Lite0): in the whole network
-    under jit, XLA:CPU 0.10.2 computed wrong gradients from it (its YNNPACK fusions; right
-    with --xla_cpu_experimental_ynn_fusion_type= and in eager mode). Pass it as
-    ``nnx.Conv(..., conv_general_dilated=layers.conv_general_dilated)`` once fixed.
+    """``jax.lax.conv_general_dilated`` (the signature ``nnx.Conv`` calls), except that
+    when ``cpu_kernels_enabled()`` (decided when traced) a 2-D NHWC depthwise convolution
+    goes through ``depthwise_conv_shifted`` and a dense one with at most
+    SMALL_OUTPUT_PIXELS output pixels through ``conv_patches_dot``. ``conv()`` gives it
+    to every ``nnx.Conv``; every other convolution falls through to XLA's op.
     """
     def native():
         return jax.lax.conv_general_dilated(
@@ -127,19 +180,26 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
             rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
             feature_group_count=feature_group_count, precision=precision, **kwargs)
 
-    if (not cpu_kernels_enabled() or lhs.ndim != 4 or feature_group_count == 1
+    if (not cpu_kernels_enabled() or lhs.ndim != 4 or precision is not None
             or any(v is not None for v in kwargs.values())
             or any(d != 1 for d in (lhs_dilation or (1, 1)) + (rhs_dilation or (1, 1)))):
         return native()
     dims = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
     if dims != jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC):
         return native()
-    channels = lhs.shape[-1]
-    if not (feature_group_count == channels == rhs.shape[-1] and rhs.shape[2] == 1):
-        return native()
     stride = tuple(int(s) for s in window_strides)
     pads = _padding_pairs(padding, lhs.shape[1:3], rhs.shape[:2], stride)
-    return depthwise_conv_shifted(lhs, rhs, stride, pads)
+    channels = lhs.shape[-1]
+    if feature_group_count == channels == rhs.shape[-1] > 1 and rhs.shape[2] == 1:
+        return depthwise_conv_shifted(lhs, rhs, stride, pads)
+    if feature_group_count == 1:
+        out_pixels = 1
+        for a in range(2):
+            span = lhs.shape[1 + a] + sum(pads[a]) - rhs.shape[a]
+            out_pixels *= max(span // stride[a] + 1, 0)
+        if out_pixels <= SMALL_OUTPUT_PIXELS:
+            return conv_patches_dot(lhs, rhs, stride, pads)
+    return native()
 
 
 def conv(in_channels: int, out_channels: int, kernel_size: int, *, stride: int = 1,
@@ -150,13 +210,15 @@ def conv(in_channels: int, out_channels: int, kernel_size: int, *, stride: int =
     ``padding`` is an int p (p zeros on every side, as ``torch.nn.Conv2d(padding=p)``;
     this differs from 'SAME' for stride 2 on even inputs, where 'SAME' pads only the
     bottom/right) or the string 'SAME' (TensorFlow's rule, used by EfficientNet).
-    ``groups == in_channels`` gives a depthwise convolution.
+    ``groups == in_channels`` gives a depthwise convolution. On the CPU some shapes are
+    computed another way (see ``conv_general_dilated``).
     """
     pad = padding if isinstance(padding, str) else ((padding, padding), (padding, padding))
     return nnx.Conv(in_channels, out_channels, (kernel_size, kernel_size),
                     strides=(stride, stride), padding=pad, feature_group_count=groups,
                     use_bias=use_bias, kernel_init=_CONV_INIT, dtype=dtype,
-                    param_dtype=param_dtype, rngs=rngs)
+                    param_dtype=param_dtype, rngs=rngs,
+                    conv_general_dilated=conv_general_dilated)
 
 
 def batch_norm(num_features: int, *, momentum: float, epsilon: float, dtype=jnp.float32,
