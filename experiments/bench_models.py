@@ -9,7 +9,8 @@
 One run prints one table: per backbone and image size, the compile time, forward images/s
 (eval mode, jitted), training-step images/s (train mode: batch statistics, loss
 mean(embedding^2) + mean(logits^2), gradient with respect to every parameter, plain SGD
-update, BatchNorm statistics updated) and the ratio forward / step. When torch (and
+update, BatchNorm statistics updated), the step's megapixels/s (images/s x px^2: equal
+across sizes when no size hits a slow path) and the ratio forward / step. When torch (and
 torchvision for the ResNets) is importable, the same training step of the same backbone
 (experiments/torch_reference.py: same batch, size, loss, SGD; PyTorch eager, NCHW) is
 timed in the same run and the table adds its images/s and gl_jax / PyTorch; torch is
@@ -169,8 +170,9 @@ def _num(value, fmt=".1f", suffix=""):
 
 def format_table(rows: list[dict]) -> str:
     lines = ["| model | px | dtype | params (M) | first calls s | fwd img/s | step img/s "
-             "| fwd / step | PyTorch step img/s | gl_jax / PyTorch | bf16 speed-up step |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| step Mpx/s | fwd / step | PyTorch step img/s | gl_jax / PyTorch "
+             "| bf16 speed-up step |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     f32 = {(r["model"], r["size"]): r for r in rows if r["dtype"] == "float32"}
     for r in rows:
         fb, fwd, pt = r.get("fwd_bwd"), r.get("fwd"), r.get("torch")
@@ -181,6 +183,7 @@ def format_table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['model']} | {r['size']} | {r['dtype']} | {r['params'] / 1e6:.2f} "
             f"| {r['compile']:.1f} | {_num(fwd)} | {_num(fb)} "
+            f"| {_num(fb * r['size'] ** 2 / 1e6 if fb else None, '.2f')} "
             f"| {_num(fwd / fb if fwd and fb else None, '.2f')} | {_num(pt)} "
             f"| {_num(fb / pt if fb and pt else None, '.2f', 'x')} "
             f"| {_num(speedup, '.2f', 'x')} |")

@@ -1,0 +1,31 @@
+"""experiments/bench_models.py: one real (tiny) run of its table, and the table's columns."""
+from experiments import bench_models
+
+
+def _cells(line):
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
+def test_table_columns_are_computed_from_the_measured_rates():
+    rows = [{"model": "m", "size": 100, "dtype": "float32", "params": 2e6, "compile": 1.0,
+             "fwd": 30.0, "fwd_bwd": 10.0, "torch": 20.0},
+            {"model": "m", "size": 100, "dtype": "bfloat16", "params": 2e6, "compile": 1.0,
+             "fwd": None, "fwd_bwd": 25.0, "torch": None}]
+    header, _, f32, bf16 = bench_models.format_table(rows).splitlines()
+    names = _cells(header)
+    f32, bf16 = dict(zip(names, _cells(f32))), dict(zip(names, _cells(bf16)))
+    assert f32["step Mpx/s"] == "0.10"          # 10 img/s x 100 x 100 px
+    assert f32["fwd / step"] == "3.00"
+    assert f32["gl_jax / PyTorch"] == "0.50x"
+    assert bf16["bf16 speed-up step"] == "2.50x" and bf16["gl_jax / PyTorch"] == "-"
+
+
+def test_a_tiny_run_prints_one_row_per_size(capsys):
+    bench_models.main(["--models=small_cnn", "--sizes=16,24", "--batch=2", "--steps=1",
+                       "--torch=off"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| small")]
+    assert [_cells(line)[1] for line in lines] == ["16", "24"]
+    for line in lines:
+        cells = _cells(line)
+        step, mpx = float(cells[6]), float(cells[7])
+        assert step > 0 and abs(mpx - step * int(cells[1]) ** 2 / 1e6) <= 0.006
