@@ -9,6 +9,7 @@ backbone end to end (train mode, gradient of every parameter, against float64).
 Importing the models moves XLA:CPU's convolutions from YNNPACK to Eigen unless the user
 said otherwise (checked in fresh processes).
 """
+import ast
 import os
 import subprocess
 import sys
@@ -200,7 +201,8 @@ def _backbone_run(name, size, dtype, enabled):
     with layers.cpu_kernels(enabled):
         (_, (embedding, new_stats)), grads = jax.jit(
             jax.value_and_grad(loss, has_aux=True))(params)
-    as_np = lambda tree: [np.asarray(leaf, np.float64) for leaf in jax.tree.leaves(tree)]  # noqa: E731
+    def as_np(tree):
+        return [np.asarray(leaf, np.float64) for leaf in jax.tree.leaves(tree)]
     return {"embedding": as_np(embedding), "statistics": as_np(new_stats),
             "gradients": as_np(grads)}
 
@@ -249,12 +251,13 @@ print(repr(os.environ.get("XLA_FLAGS")), "__ynn_fusion" in hlo)
 def _probe(before="", **env):
     """(XLA_FLAGS after importing gl_jax.models, whether the compiled convolution runs in
     a YNNPACK fusion), from a fresh Python process."""
-    environ = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", layers.CPU_KERNELS_ENV)}
+    environ = {k: v for k, v in os.environ.items()
+               if k not in ("XLA_FLAGS", layers.CPU_KERNELS_ENV)}
     environ.update(env, JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, "-c", _CONV_PROBE.format(before=before)], env=environ,
                          capture_output=True, text=True, timeout=120, check=True).stdout
     flags, ynn = out.strip().rsplit(" ", 1)
-    return eval(flags), ynn == "True"  # noqa: S307 (our own repr of a str or None)
+    return ast.literal_eval(flags), ynn == "True"
 
 
 @pytest.mark.skipif(not jax.__version__.startswith(layers._FLAG_TESTED_JAX),

@@ -44,18 +44,25 @@ def cpu_kernels_enabled() -> bool:
     """
     if _CPU_KERNELS_OVERRIDE is not None:
         return _CPU_KERNELS_OVERRIDE
+    env = _env_choice()
+    return jax.default_backend() == "cpu" if env is None else env
+
+
+def _env_choice() -> bool | None:
+    """GL_JAX_CPU_KERNELS as True ('1', 'true', 'on', 'yes'), False ('0', ...) or None."""
     env = os.environ.get(CPU_KERNELS_ENV, "").strip().lower()
     if env in ("1", "true", "on", "yes"):
         return True
     if env in ("0", "false", "off", "no"):
         return False
-    return jax.default_backend() == "cpu"
+    return None
 
 
 # jaxlib 0.10's XLA:CPU runs convolutions through YNNPACK; its Eigen convolutions were
-# 1.3-1.7x faster on the backbones' shapes here (forward and both gradients, float32,
-# 2 cores, experiments/bench_models.py) and as exact against float64, while YNNPACK stays
-# the faster matrix multiply. XLA reads XLA_FLAGS once, when the first backend starts, so
+# 1.3-1.7x faster on the backbones' 3 x 3 shapes here (forward and both gradients,
+# float32, 2 cores; whole ResNet and Lite0 training steps about 1.25x faster in
+# experiments/bench_models.py) and as exact against float64, while YNNPACK stays the
+# faster matrix multiply. XLA reads XLA_FLAGS once, when the first backend starts, so
 # the choice is made when this module is imported and only if no backend has started.
 EIGEN_CONVOLUTIONS_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 _FLAG_TESTED_JAX = ("0.10.",)  # the flag is experimental: an unknown XLA flag is fatal
@@ -70,7 +77,7 @@ def prefer_eigen_convolutions_on_cpu() -> bool:
     if EIGEN_CONVOLUTIONS_FLAG in flags.split():
         return True
     if ("xla_cpu_experimental_ynn_fusion_type" in flags
-            or os.environ.get(CPU_KERNELS_ENV, "").strip().lower() in ("0", "false", "off", "no")
+            or _env_choice() is False
             or not jax.__version__.startswith(_FLAG_TESTED_JAX)):
         return False
     try:
@@ -324,8 +331,6 @@ def _max_pool_shifted(x, window, stride, pads):
     for _, values in _window_slices(padded, window, stride, out_hw):
         best = values if best is None else jnp.where(values > best, values, best)
     return best
-
-
 
 
 def avg_pool_include_pad(x: jax.Array, window: int, stride: int = 1,
