@@ -91,6 +91,21 @@ def test_depthwise_conv_matches_native(size, channels, kernel, stride, padding):
     _close(grads_c[1], grads_n[1])
 
 
+@pytest.mark.parametrize("size, kernel, stride, padding", [
+    (7, 3, 1, ((1, 1), (1, 1))), (8, 3, 2, ((0, 1), (0, 1))), (9, 5, 2, ((2, 2), (2, 2))),
+    (6, 3, 3, ((0, 2), (1, 0))), (5, 3, 1, ((0, 0), (0, 0)))])
+def test_depthwise_backward_passes_numerical_gradient_checks(size, kernel, stride, padding):
+    """The hand-written VJP of depthwise_conv_shifted against finite differences (float64),
+    including strides whose windows leave input rows unread."""
+    from jax.test_util import check_grads
+    rng = np.random.default_rng(size + kernel + stride)
+    with jax.enable_x64(True):
+        x = jnp.asarray(rng.normal(size=(2, size, size + 1, 3)))
+        w = jnp.asarray(rng.normal(size=(kernel, kernel, 1, 3)))
+        check_grads(lambda x, w: layers.depthwise_conv_shifted(x, w, (stride, stride), padding),
+                    (x, w), order=1, modes=("rev",), atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize("size, in_ch, out_ch, kernel, stride, padding", [
     (2, 6, 5, 3, 1, ((1, 1), (1, 1))),   # ResNet's last stage at 64 px: 2 x 2 maps
     (4, 4, 6, 3, 2, ((1, 1), (1, 1))),   # its stride-2 entry: 4 x 4 -> 2 x 2

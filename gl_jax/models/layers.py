@@ -8,6 +8,7 @@ HWIO (``[kh, kw, in / groups, out]``): a PyTorch ``OIHW`` weight maps to it with
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import jax
@@ -137,18 +138,70 @@ def _depthwise_taps(x, kernel, stride, padding):
     return total
 
 
+def _depthwise_input_grad(g, kernel, in_hw, stride, padding):
+    """The input's gradient of ``_depthwise_taps``: the cotangent spread back to input
+    positions (stride - 1 zeros between its rows and columns, k - 1 - pad at the edges,
+    cropping where the padding was larger) and correlated with the flipped kernel, itself
+    a stride-1 shifted-slice sum."""
+    config = [(0, 0, 0)]
+    for a in range(2):
+        k, s, (lo, hi) = kernel.shape[a], stride[a], padding[a]
+        covered = (g.shape[1 + a] - 1) * s + k       # padded input rows some window reads
+        leftover = in_hw[a] + lo + hi - covered       # rows no window reaches: gradient 0
+        config.append((k - 1 - lo, k - 1 - hi + leftover, s - 1))
+    config.append((0, 0, 0))
+    spread = jax.lax.pad(g, jnp.zeros((), g.dtype), config)
+    return _depthwise_taps(spread, kernel[::-1, ::-1], (1, 1), ((0, 0), (0, 0)))
+
+
+def _depthwise_kernel_grad(x, g, kernel_shape, stride, padding):
+    """The kernel's gradient: per tap, the sum over batch and positions of input window x
+    cotangent, all taps in ONE variadic reduction (XLA:CPU runs k x k separate reductions
+    about 3x slower), accumulated in at least float32."""
+    kh, kw = kernel_shape[:2]
+    acc = jnp.promote_types(g.dtype, jnp.float32)
+    padded = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+    products = tuple((window * g).astype(acc) for _, window in
+                     _window_slices(padded, (kh, kw), stride, g.shape[1:3]))
+    zeros = tuple(jnp.zeros((), acc) for _ in products)
+    sums = jax.lax.reduce(products, zeros,
+                          lambda a, b: tuple(u + v for u, v in zip(a, b)), (0, 1, 2))
+    return jnp.stack(sums).reshape(kh, kw, 1, -1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _depthwise(x, kernel, stride, padding):
+    return _depthwise_taps(x, kernel, stride, padding)
+
+
+def _depthwise_fwd(x, kernel, stride, padding):
+    return _depthwise_taps(x, kernel, stride, padding), (x, kernel)
+
+
+def _depthwise_bwd(stride, padding, residuals, g):
+    x, kernel = residuals
+    return (_depthwise_input_grad(g, kernel, x.shape[1:3], stride, padding).astype(x.dtype),
+            _depthwise_kernel_grad(x, g, kernel.shape, stride, padding).astype(kernel.dtype))
+
+
+_depthwise.defvjp(_depthwise_fwd, _depthwise_bwd)
+
+
 def depthwise_conv_shifted(x: jax.Array, kernel: jax.Array, stride: tuple[int, int],
                            padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
     """Depthwise convolution (multiplier 1) of NHWC ``x`` with an HWIO kernel
     [kh, kw, 1, C], as a sum of kh * kw shifted, strided slices times one kernel tap each.
 
-    The same function as ``lax.conv_general_dilated(..., feature_group_count=C)``; JAX's
-    autodiff of it (slices -> pads, products -> per-tap reductions) replaces the native
-    grouped convolution's backward, whose kernel gradient XLA:CPU lowers to a dense
-    C x C convolution plus a diagonal extraction (EfficientNet-Lite0's training step about
-    5x faster at 112 px).
+    The same function as ``lax.conv_general_dilated(..., feature_group_count=C)``, with
+    its own backward pass: the input gradient is another shifted-slice sum (of the spread
+    cotangent with the flipped kernel), the kernel gradient one variadic reduction. It
+    replaces the native grouped convolution, whose kernel gradient XLA:CPU lowers to a
+    dense C x C convolution plus a diagonal extraction (EfficientNet-Lite0's training step
+    about 5x faster at 112 px; the hand-written backward about 1.3x faster again than
+    JAX's autodiff of the slice sum).
     """
-    return _depthwise_taps(x, kernel, stride, padding)
+    return _depthwise(x, kernel, tuple(int(s) for s in stride),
+                      tuple((int(lo), int(hi)) for lo, hi in padding))
 
 
 # A dense convolution whose output is at most this many pixels (the last stage of an
