@@ -127,12 +127,22 @@ def _padding_pairs(padding, in_hw, window, stride) -> tuple[tuple[int, int], ...
     return tuple((int(lo), int(hi)) for lo, hi in padding)
 
 
-def _depthwise_taps(x, kernel, stride, padding):
-    kh, kw = kernel.shape[:2]
+def _out_hw(in_hw, window, stride, padding) -> tuple[int, int]:
+    """A padded, strided window's output size per spatial axis (0 when it does not fit)."""
+    return tuple(max((in_hw[a] + sum(padding[a]) - window[a]) // stride[a] + 1, 0)
+                 for a in range(2))
+
+
+def _conv_windows(x, window, stride, padding):
+    """((di, dj), window slice) of NHWC ``x`` zero-padded by ``padding``: one per tap of a
+    convolution, each the size of its output."""
     padded = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
-    out_hw = tuple((padded.shape[1 + a] - (kh, kw)[a]) // stride[a] + 1 for a in range(2))
+    return _window_slices(padded, window, stride, _out_hw(x.shape[1:3], window, stride, padding))
+
+
+def _depthwise_taps(x, kernel, stride, padding):
     total = None
-    for (di, dj), window in _window_slices(padded, (kh, kw), stride, out_hw):
+    for (di, dj), window in _conv_windows(x, kernel.shape[:2], stride, padding):
         term = window * kernel[di, dj, 0]
         total = term if total is None else total + term
     return total
@@ -160,9 +170,8 @@ def _depthwise_kernel_grad(x, g, kernel_shape, stride, padding):
     about 3x slower), accumulated in at least float32."""
     kh, kw = kernel_shape[:2]
     acc = jnp.promote_types(g.dtype, jnp.float32)
-    padded = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
-    products = tuple((window * g).astype(acc) for _, window in
-                     _window_slices(padded, (kh, kw), stride, g.shape[1:3]))
+    products = tuple((window * g).astype(acc)
+                     for _, window in _conv_windows(x, (kh, kw), stride, padding))
     zeros = tuple(jnp.zeros((), acc) for _ in products)
     sums = jax.lax.reduce(products, zeros,
                           lambda a, b: tuple(u + v for u, v in zip(a, b)), (0, 1, 2))
@@ -217,12 +226,10 @@ def conv_patches_dot(x: jax.Array, kernel: jax.Array, stride: tuple[int, int],
     (shifted strided slices, concatenated tap-major) times the kernel as a
     [kh*kw*I, O] matrix: the same function as ``lax.conv_general_dilated``."""
     kh, kw, i, o = kernel.shape
-    padded = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
-    out_hw = tuple((padded.shape[1 + a] - (kh, kw)[a]) // stride[a] + 1 for a in range(2))
-    taps = [window for _, window in _window_slices(padded, (kh, kw), stride, out_hw)]
+    taps = [window for _, window in _conv_windows(x, (kh, kw), stride, padding)]
     patches = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
     out = jnp.dot(patches.reshape(-1, kh * kw * i), kernel.reshape(kh * kw * i, o))
-    return out.reshape(x.shape[0], *out_hw, o)
+    return out.reshape(*patches.shape[:3], o)
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
@@ -253,11 +260,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
     if feature_group_count == channels == rhs.shape[-1] > 1 and rhs.shape[2] == 1:
         return depthwise_conv_shifted(lhs, rhs, stride, pads)
     if feature_group_count == 1:
-        out_pixels = 1
-        for a in range(2):
-            span = lhs.shape[1 + a] + sum(pads[a]) - rhs.shape[a]
-            out_pixels *= max(span // stride[a] + 1, 0)
-        if out_pixels <= SMALL_OUTPUT_PIXELS:
+        oh, ow = _out_hw(lhs.shape[1:3], rhs.shape[:2], stride, pads)
+        if oh * ow <= SMALL_OUTPUT_PIXELS:
             return conv_patches_dot(lhs, rhs, stride, pads)
     return native()
 
