@@ -1,0 +1,256 @@
+"""Where a backbone's CPU training step goes: its dense convolutions, each timed alone, in
+gl_jax and in PyTorch eager, beside the whole training step of both.
+
+    python -m experiments.bench_convs --model=resnet18 --size=112 --batch=32
+    python -m experiments.bench_convs --model=resnet50 --size=227 --batch=32 --steps=3
+
+The convolutions are read from the jaxpr of the model's training forward (so they are the
+ones XLA runs: the CPU paths of gl_jax/models/layers.py have already replaced depthwise
+and tiny-output convolutions by slices and matrix products, which are not listed). Each
+distinct convolution is timed as one jitted forward + backward (the input's and the
+kernel's gradient for a random cotangent; only the kernel's when its input has 3
+channels, the images, which need no gradient) and as the same PyTorch ``conv2d`` forward
++ backward on NCHW tensors. The table gives one row per distinct shape with how often the
+network runs it, then the sums x count, the whole training step of experiments/
+bench_models.py in both frameworks and the difference: everything that is not a
+convolution (BatchNorm, activations, pooling, the loss, the update, and the layout copies
+XLA places around the convolutions' gradients inside the network, which a convolution
+timed alone gets on plain inputs). Timings are the fastest of --steps calls; compare
+within one run.
+
+--ablate adds gl_jax rows for the same training step with parts of the network replaced
+by nearly free stand-ins of the same shapes, to price them: BatchNorm by the identity,
+every activation by the identity, max pooling by one strided slice, then all three. The
+network no longer computes the same function then; only its speed is of interest.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from experiments import bench_models
+from gl_jax.models import available_models, layers
+
+Conv = collections.namedtuple("Conv", "lhs rhs stride padding groups")
+
+
+def model_convolutions(name: str, size: int, batch: int, num_classes: int = 100):
+    """Counter of Conv -> number of calls in one training-mode forward of ``name``.
+
+    Raises ValueError for a convolution this benchmark cannot time the same way in both
+    frameworks (not NHWC/HWIO, dilated, or batch-grouped)."""
+    model = bench_models.random_model(name, num_classes, jnp.float32)
+    model.train()
+    graphdef, state = nnx.split(model)
+
+    def forward(state, images):
+        return nnx.merge(graphdef, state)(images)[0]
+
+    images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
+    jaxpr = jax.make_jaxpr(forward)(state, images).jaxpr
+    found = collections.Counter()
+    for eqn in _equations(jaxpr):
+        if eqn.primitive.name != "conv_general_dilated":
+            continue
+        p = eqn.params
+        dims = p["dimension_numbers"]
+        nhwc = jax.lax.conv_dimension_numbers(eqn.invars[0].aval.shape,
+                                              eqn.invars[1].aval.shape,
+                                              ("NHWC", "HWIO", "NHWC"))
+        if (dims != nhwc or p["batch_group_count"] != 1
+                or any(d != 1 for d in tuple(p["lhs_dilation"]) + tuple(p["rhs_dilation"]))):
+            raise ValueError(f"{name}: convolution {eqn} is not a plain NHWC convolution")
+        found[Conv(tuple(eqn.invars[0].aval.shape), tuple(eqn.invars[1].aval.shape),
+                   tuple(p["window_strides"]), tuple(tuple(pad) for pad in p["padding"]),
+                   p["feature_group_count"])] += 1
+    return found
+
+
+def _equations(jaxpr):
+    """Every equation of ``jaxpr`` and of the jaxprs nested in its equations' parameters
+    (jit, custom_vjp, remat, ...)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if isinstance(inner, jax.extend.core.Jaxpr):
+                    yield from _equations(inner)
+
+
+def _fastest(fn, steps: int) -> float:
+    fn()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def input_needs_grad(conv: Conv) -> bool:
+    return conv.lhs[-1] != 3
+
+
+def time_jax(conv: Conv, steps: int, seed: int = 0) -> float:
+    """Seconds of the jitted forward + backward of ``conv`` alone."""
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal(conv.lhs), jnp.float32)
+    w = jnp.asarray(rng.standard_normal(conv.rhs) * 0.05, jnp.float32)
+
+    def apply(x, w):
+        return jax.lax.conv_general_dilated(
+            x, w, conv.stride, conv.padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=conv.groups)
+
+    out_shape = jax.eval_shape(apply, x, w).shape
+    cotangent = jnp.asarray(rng.standard_normal(out_shape), jnp.float32)
+    argnums = (0, 1) if input_needs_grad(conv) else (1,)
+    grads = jax.jit(jax.grad(lambda x, w: jnp.vdot(apply(x, w), cotangent), argnums))
+    return _fastest(lambda: jax.block_until_ready(grads(x, w)), steps)
+
+
+def time_torch(conv: Conv, steps: int, seed: int = 0) -> float:
+    """Seconds of PyTorch eager's conv2d forward + backward of the same convolution."""
+    import torch
+    from torch.nn import functional as F
+
+    rng = np.random.default_rng(seed)
+    x = torch.tensor(rng.standard_normal(conv.lhs).transpose(0, 3, 1, 2).copy(),
+                     dtype=torch.float32, requires_grad=input_needs_grad(conv))
+    w = torch.tensor((rng.standard_normal(conv.rhs) * 0.05).transpose(3, 2, 0, 1).copy(),
+                     dtype=torch.float32, requires_grad=True)
+    (top, bottom), (left, right) = conv.padding
+    symmetric = top == bottom and left == right
+
+    def step():
+        x.grad = w.grad = None
+        inp = x if symmetric else F.pad(x, (left, right, top, bottom))
+        out = F.conv2d(inp, w, stride=conv.stride, padding=(top, left) if symmetric else 0,
+                       groups=conv.groups)
+        out.backward(torch.ones_like(out))
+
+    return _fastest(step, steps)
+
+
+def describe(conv: Conv) -> str:
+    n, h, w, c = conv.lhs
+    kh, kw, _, o = conv.rhs
+    group = f" g{conv.groups}" if conv.groups > 1 else ""
+    return f"{kh}x{kw}/{conv.stride[0]} {c}->{o}{group} @ {h}x{w}"
+
+
+def _first_tap_pool(x, window, stride, padding=0, *, ceil_mode=False):
+    """A stand-in for max pooling with its output shape: every window's first element."""
+    out = [layers.pool_output_size(x.shape[a], window, stride, padding, ceil_mode)
+           for a in (1, 2)]
+    short = [max((out[i] - 1) * stride + 1 - x.shape[1 + i], 0) for i in range(2)]
+    x = jnp.pad(x, ((0, 0), (0, short[0]), (0, short[1]), (0, 0)))
+    return x[:, :(out[0] - 1) * stride + 1:stride, :(out[1] - 1) * stride + 1:stride]
+
+
+# Stand-ins for --ablate: (object, attribute, replacement).
+ABLATIONS = {
+    "BatchNorm": (nnx.BatchNorm, "__call__", lambda self, x, **kwargs: x),
+    "activations": (layers, "activation", lambda x, leak=None, *, cap=None: x),
+    "max pooling": (layers, "max_pool", _first_tap_pool),
+}
+
+
+@contextlib.contextmanager
+def replaced(names):
+    """Within the block, the ABLATIONS ``names`` are swapped in (restored on exit)."""
+    saved = [(obj, attr, getattr(obj, attr)) for obj, attr, _ in
+             (ABLATIONS[name] for name in names)]
+    try:
+        for name in names:
+            obj, attr, stand_in = ABLATIONS[name]
+            setattr(obj, attr, stand_in)
+        yield
+    finally:
+        for obj, attr, original in saved:
+            setattr(obj, attr, original)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="resnet18", choices=available_models())
+    parser.add_argument("--size", type=int, default=112, help="image size (px)")
+    parser.add_argument("--batch", type=int, default=32, help="images per step")
+    parser.add_argument("--steps", type=int, default=5, help="timed calls (after 1 warm-up)")
+    parser.add_argument("--torch", choices=("auto", "on", "off"), default="auto",
+                        help="the PyTorch columns (auto: when torch is importable)")
+    parser.add_argument("--ablate", action="store_true",
+                        help="add the step without BatchNorm / activations / max pooling")
+    args = parser.parse_args(argv)
+    if args.batch < 1 or args.steps < 1 or args.size < 1:
+        parser.error(f"--batch, --steps and --size must be >= 1, got {args.batch}, "
+                     f"{args.steps}, {args.size}")
+    return args
+
+
+def _ms(seconds):
+    return "-" if seconds is None else f"{seconds * 1e3:.1f}"
+
+
+def _ratio(torch_s, jax_s):
+    return "-" if torch_s is None else f"{torch_s / jax_s:.2f}x"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    use_torch = args.torch == "on"
+    if args.torch == "auto":
+        try:
+            import torch  # noqa: F401
+            use_torch = True
+        except ImportError:
+            use_torch = False
+    size = bench_models.supported_size(args.model, args.size)
+    convs = model_convolutions(args.model, size, args.batch)
+    print(f"{args.model} at {size} px, batch {args.batch}: {sum(convs.values())} dense "
+          f"convolutions, {len(convs)} distinct", flush=True)
+    lines = ["| convolution | calls | gl_jax ms | PyTorch ms | PyTorch / gl_jax |",
+             "|---|---|---|---|---|"]
+    total_jax, total_torch = 0.0, 0.0 if use_torch else None
+    for conv, calls in sorted(convs.items(), key=lambda item: -np.prod(item[0].lhs)):
+        jax_s = time_jax(conv, args.steps)
+        torch_s = time_torch(conv, args.steps) if use_torch else None
+        total_jax += calls * jax_s
+        if use_torch:
+            total_torch += calls * torch_s
+        lines.append(f"| {describe(conv)} | {calls} | {_ms(jax_s)} | {_ms(torch_s)} "
+                     f"| {_ratio(torch_s, jax_s)} |")
+    step_args = argparse.Namespace(num_classes=100, batch=args.batch, steps=args.steps,
+                                   no_forward=True, no_backward=False,
+                                   torch="on" if use_torch else "off")
+    row = bench_models.bench_one(args.model, size, jnp.float32, step_args)
+    step_jax = args.batch / row["fwd_bwd"]
+    step_torch = args.batch / row["torch"] if use_torch else None
+    rest_torch = step_torch - total_torch if use_torch else None
+    lines += [f"| all convolutions (sum x calls) | {sum(convs.values())} | {_ms(total_jax)} "
+              f"| {_ms(total_torch)} | {_ratio(total_torch, total_jax)} |",
+              f"| whole training step | 1 | {_ms(step_jax)} | {_ms(step_torch)} "
+              f"| {_ratio(step_torch, step_jax)} |",
+              f"| step - convolutions | | {_ms(step_jax - total_jax)} | {_ms(rest_torch)} "
+              f"| {_ratio(rest_torch, step_jax - total_jax)} |"]
+    if args.ablate:
+        step_args.torch = "off"
+        for names in [[name] for name in ABLATIONS] + [list(ABLATIONS)]:
+            with replaced(names):
+                fast = bench_models.bench_one(args.model, size, jnp.float32, step_args)
+            lines.append(f"| step without {' + '.join(names)} | | "
+                         f"{_ms(args.batch / fast['fwd_bwd'])} | | |")
+    print()
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

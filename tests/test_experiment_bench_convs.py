@@ -1,0 +1,75 @@
+"""experiments/bench_convs.py: the convolutions it finds in a backbone, and a tiny run."""
+from experiments import bench_convs
+from experiments.bench_convs import Conv
+from gl_jax.models import layers
+
+
+def _cells(line):
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
+def test_resnet18_runs_twenty_dense_convolutions():
+    convs = bench_convs.model_convolutions("resnet18", 112, 2)
+    assert sum(convs.values()) == 20      # stem + 8 blocks x 2 + 3 downsampling 1 x 1
+    stem = Conv((2, 112, 112, 3), (7, 7, 3, 64), (2, 2), ((3, 3), (3, 3)), 1)
+    assert convs[stem] == 1 and not bench_convs.input_needs_grad(stem)
+    assert convs[Conv((2, 28, 28, 64), (3, 3, 64, 64), (1, 1), ((1, 1), (1, 1)), 1)] == 4
+    assert convs[Conv((2, 28, 28, 64), (1, 1, 64, 128), (2, 2), ((0, 0), (0, 0)), 1)] == 1
+
+
+def test_only_the_convolutions_xla_runs_are_listed():
+    # On the CPU the depthwise convolutions are shifted-slice sums, not convolutions.
+    with layers.cpu_kernels(True):
+        cpu = bench_convs.model_convolutions("efficientnet_lite0", 64, 2)
+    with layers.cpu_kernels(False):
+        native = bench_convs.model_convolutions("efficientnet_lite0", 64, 2)
+    assert all(conv.groups == 1 for conv in cpu)
+    depthwise = {conv: n for conv, n in native.items() if conv.groups > 1}
+    assert sum(depthwise.values()) == 16 and all(c.groups == c.lhs[-1] for c in depthwise)
+
+
+def test_a_tiny_run_sums_the_convolutions_it_timed(capsys):
+    bench_convs.main(["--model=small_cnn", "--size=16", "--batch=2", "--steps=1",
+                      "--torch=off"])
+    lines = [line for line in capsys.readouterr().out.splitlines()
+             if line.startswith("| ") and not line.startswith("| convolution |")]
+    rows = {_cells(line)[0]: _cells(line) for line in lines}
+    assert set(rows) == {"3x3/1 3->32 @ 16x16", "3x3/1 32->64 @ 16x16", "3x3/1 64->64 @ 8x8",
+                         "all convolutions (sum x calls)", "whole training step",
+                         "step - convolutions"}
+    convs = [row for name, row in rows.items() if "@" in name]
+    total = sum(int(row[1]) * float(row[2]) for row in convs)
+    assert abs(float(rows["all convolutions (sum x calls)"][2]) - total) <= 0.15
+    step, rest = float(rows["whole training step"][2]), float(rows["step - convolutions"][2])
+    assert step > 0 and abs(step - total - rest) <= 0.15
+    assert rows["whole training step"][3] == "-"       # no PyTorch column with --torch=off
+
+
+def test_the_ablation_stand_ins_keep_shapes_and_are_restored():
+    import jax.numpy as jnp
+    from flax import nnx
+    x = jnp.arange(2 * 15 * 14 * 3, dtype=jnp.float32).reshape(2, 15, 14, 3)
+    for window, stride, padding, ceil_mode in [(3, 2, 1, False), (3, 2, 0, True),
+                                               (3, 1, 1, True), (2, 2, 0, False)]:
+        pooled = layers.max_pool(x, window, stride, padding, ceil_mode=ceil_mode)
+        stand_in = bench_convs._first_tap_pool(x, window, stride, padding, ceil_mode=ceil_mode)
+        assert stand_in.shape == pooled.shape
+    originals = (nnx.BatchNorm.__call__, layers.activation, layers.max_pool)
+    try:
+        with bench_convs.replaced(list(bench_convs.ABLATIONS)):
+            assert layers.activation is not originals[1]
+            assert float(layers.activation(jnp.float32(-2.0))) == -2.0
+            raise RuntimeError("leave the block by an error")
+    except RuntimeError:
+        pass
+    assert (nnx.BatchNorm.__call__, layers.activation, layers.max_pool) == originals
+
+
+def test_ablate_adds_one_row_per_stand_in_and_one_for_all(capsys):
+    bench_convs.main(["--model=small_cnn", "--size=16", "--batch=2", "--steps=1",
+                      "--torch=off", "--ablate"])
+    names = [_cells(line)[0] for line in capsys.readouterr().out.splitlines()
+             if line.startswith("| step without")]
+    assert names == ["step without BatchNorm", "step without activations",
+                     "step without max pooling",
+                     "step without BatchNorm + activations + max pooling"]
