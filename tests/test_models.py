@@ -359,6 +359,21 @@ def test_global_pooling_and_leak_formulas():
         layers.global_pool(xj, "sum")
 
 
+def test_activation_gradients_follow_pytorch_at_ties_and_nan_passes():
+    # PyTorch: d relu = [x > 0], d relu6 = [0 < x < 6]; jnp.maximum would give 0.5 at ties.
+    x = np.array([-3.0, -0.0, 0.0, 1e-30, 2.0, 6.0, 6.5, np.inf, -np.inf], np.float32)
+    relu = jax.grad(lambda v: jnp.sum(layers.activation(v)))(jnp.asarray(x))
+    relu6 = jax.grad(lambda v: jnp.sum(layers.activation(v, cap=6.0)))(jnp.asarray(x))
+    np.testing.assert_array_equal(relu, (x > 0).astype(np.float32))
+    np.testing.assert_array_equal(relu6, ((x > 0) & (x < 6)).astype(np.float32))
+    np.testing.assert_array_equal(layers.activation(jnp.asarray(x), cap=6.0),
+                                  np.clip(x, 0, 6))
+    nan = jnp.array([np.nan, 1.0], jnp.float32)
+    assert np.isnan(layers.activation(nan)[0]) and np.isnan(layers.activation(nan, cap=6.0)[0])
+    assert np.isnan(layers.activation(nan, 0.1)[0])
+    assert layers.activation(jnp.ones(2, jnp.bfloat16), cap=6.0).dtype == jnp.bfloat16
+
+
 def test_strided_conv_pads_symmetrically_like_torch():
     """Stride 2 on an even input: torch pads 1 on every side ('SAME' would pad 0/1)."""
     conv = layers.conv(3, 5, 3, stride=2, padding=1, use_bias=True, rngs=nnx.Rngs(0))

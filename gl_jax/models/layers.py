@@ -314,9 +314,18 @@ def activation(x: jax.Array, leak: float | None = None, *, cap: float | None = N
     ``where(x >= 0, x, a * x)`` then the cap, so ``a = 0`` is the plain ReLU and
     ``a = 1`` removes the ReLU (for ReLU6 only the upper cap remains). This is the Group
     Loss++ "leak" applied to a network's last activation.
+
+    Gradients follow PyTorch's ReLU / ReLU6: 0 at x = 0 and at x = cap (jnp.maximum /
+    jnp.minimum would split a tie 0.5 / 0.5); NaN passes through, as in PyTorch.
     """
-    y = jnp.maximum(x, 0) if leak is None else jnp.where(x >= 0, x, leak * x)
-    return y if cap is None else jnp.minimum(y, cap)
+    # Written as selects, not jnp.maximum / jnp.minimum: their derivative compares the
+    # input with the output twice and scales by 0.5 at ties, and XLA:CPU recomputes that
+    # inside the backward pass's fusions; the select form trained ResNet-50 at 112 px
+    # about 1.3x faster, Lite0 and ResNet-18 about 1.1x (issue 14). x <= 0 (rather than
+    # x > 0 picking x) lets NaN through.
+    y = jnp.where(x <= 0, jnp.zeros((), x.dtype), x) if leak is None else \
+        jnp.where(x >= 0, x, leak * x)
+    return y if cap is None else jnp.where(y >= cap, jnp.asarray(cap, y.dtype), y)
 
 
 def pool_output_size(size: int, window: int, stride: int, padding: int = 0,
