@@ -127,25 +127,33 @@ def bench_one(name: str, size: int, dtype, args) -> dict:
         compile_fwd, fwd = _time(forward, params, stats, images, steps=args.steps)
         row.update(compile=compile_fwd, fwd=args.batch / fwd)
     if not args.no_backward:
-        model.train()
-        train_graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-
-        @jax.jit
-        def train_step(params, stats, images):
-            def loss_fn(params):
-                m = nnx.merge(train_graphdef, params, stats, copy=True)
-                embedding, aux = m(images)
-                loss = jnp.mean(embedding ** 2) + jnp.mean(aux["logits"] ** 2)
-                return loss, nnx.state(m, nnx.BatchStat)
-            (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-            new_params = jax.tree.map(lambda p, g: p - LEARNING_RATE * g, params, grads)
-            return loss, new_stats, new_params
-
+        train_step, params, stats = make_train_step(model)
         compile_bwd, step = _time(train_step, params, stats, images, steps=args.steps)
         row.update(compile=row["compile"] + compile_bwd, fwd_bwd=args.batch / step)
         if args.torch != "off" and row["dtype"] == "float32":
             row["torch"] = torch_step(name, size, args, row["params"])
     return row
+
+
+def make_train_step(model: nnx.Module):
+    """(jitted step, params, batch statistics) of the benchmark's training step: train mode,
+    loss mean(embedding^2) + mean(logits^2), plain SGD; ``step(params, stats, images)``
+    returns (loss, new statistics, new params). Traced at its first call."""
+    model.train()
+    graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+
+    @jax.jit
+    def train_step(params, stats, images):
+        def loss_fn(params):
+            m = nnx.merge(graphdef, params, stats, copy=True)
+            embedding, aux = m(images)
+            loss = jnp.mean(embedding ** 2) + jnp.mean(aux["logits"] ** 2)
+            return loss, nnx.state(m, nnx.BatchStat)
+        (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        new_params = jax.tree.map(lambda p, g: p - LEARNING_RATE * g, params, grads)
+        return loss, new_stats, new_params
+
+    return train_step, params, stats
 
 
 def torch_step(name: str, size: int, args, params: int) -> float | None:

@@ -1,0 +1,89 @@
+"""The select-form activations of gl_jax/models/layers.py against the jnp.maximum /
+jnp.minimum form they replaced, in one training step of each backbone, interleaved in
+one process.
+
+    python -m experiments.bench_activation --models=resnet50,efficientnet_lite0 --size=112
+
+Both forms give the same outputs; their gradients differ only at exact ties (x = 0,
+x = cap), where the select form gives PyTorch's 0 and jnp.maximum 0.5. Each backbone's
+training step (experiments/bench_models.py) is compiled once per form, then the two are
+timed alternately --rounds times: the rows give the fastest and the median step and
+maximum-form / select-form, so drifts of a shared machine hit both alike.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import bench_models
+from gl_jax.models import available_models, layers
+
+
+def maximum_form(x, leak=None, *, cap=None):
+    """The earlier ``layers.activation``: jnp.maximum / jnp.minimum."""
+    y = jnp.maximum(x, 0) if leak is None else jnp.where(x >= 0, x, leak * x)
+    return y if cap is None else jnp.minimum(y, cap)
+
+
+def compare(name: str, size: int, batch: int, rounds: int) -> dict:
+    images = jax.random.normal(jax.random.key(0), (batch, size, size, 3), jnp.float32)
+    steps = {}
+    for form, fn in (("select", layers.activation), ("maximum", maximum_form)):
+        saved, layers.activation = layers.activation, fn
+        try:   # the form is read when the step is traced, at its first call
+            step, params, stats = bench_models.make_train_step(
+                bench_models.random_model(name, 100, jnp.float32))
+            loss = jax.block_until_ready(step(params, stats, images))[0]
+        finally:
+            layers.activation = saved
+        steps[form] = (step, params, stats, float(loss))
+    times = {form: [] for form in steps}
+    for _ in range(rounds):
+        for form, (step, params, stats, _) in steps.items():
+            start = time.perf_counter()
+            jax.block_until_ready(step(params, stats, images))
+            times[form].append(time.perf_counter() - start)
+    row = dict(model=name, size=size,
+               loss_gap=abs(steps["select"][3] - steps["maximum"][3]))
+    for form, ts in times.items():
+        row[form] = (min(ts), float(np.median(ts)))
+    return row
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="resnet18,resnet50,efficientnet_lite0,bninception")
+    parser.add_argument("--size", type=int, default=112, help="image size (px)")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=6, help="timed calls per form")
+    args = parser.parse_args(argv)
+    for name in args.models.split(","):
+        if name not in available_models():
+            parser.error(f"--models: unknown model {name!r}; known: {available_models()}")
+    if min(args.size, args.batch, args.rounds) < 1:
+        parser.error("--size, --batch and --rounds must be >= 1")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    lines = ["| model | px | select ms (min / median) | maximum ms (min / median) "
+             "| maximum / select (min) | loss gap |", "|---|---|---|---|---|---|"]
+    for name in args.models.split(","):
+        size = bench_models.supported_size(name, args.size)
+        r = compare(name, size, args.batch, args.rounds)
+        (s_min, s_med), (m_min, m_med) = r["select"], r["maximum"]
+        lines.append(f"| {name} | {size} | {s_min * 1e3:.0f} / {s_med * 1e3:.0f} "
+                     f"| {m_min * 1e3:.0f} / {m_med * 1e3:.0f} | {m_min / s_min:.2f}x "
+                     f"| {r['loss_gap']:.1e} |")
+        print(lines[-1], flush=True)
+    print()
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
