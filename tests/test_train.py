@@ -120,7 +120,14 @@ def test_one_and_four_devices_give_the_same_losses(tmp_path):
                            for r in read_metrics(workdir) if "warmup/loss" in r or "group/loss" in r]
     assert len(losses[1]) == 8
     assert [s for s, _ in losses[1]] == [s for s, _ in losses[4]]
-    np.testing.assert_allclose([v for _, v in losses[4]], [v for _, v in losses[1]], rtol=2e-5)
+    one, four = [v for _, v in losses[1]], [v for _, v in losses[4]]
+    # The two runs sum in different orders, so float32 results differ in the last bits;
+    # once such a difference flips a discrete choice (a max-pool or ReLU decision) the
+    # later losses move more: on one 2-core machine steps 1-6 agreed to 1e-6 and step 7
+    # was off by 1.7e-4. A sharding mistake (per-device BatchNorm statistics, a loss over
+    # one shard only) would change the first steps' losses far beyond 2e-5.
+    np.testing.assert_allclose(four[:4], one[:4], rtol=2e-5)
+    np.testing.assert_allclose(four, one, rtol=1e-3)
 
 
 @pytest.mark.slow
