@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -33,13 +34,11 @@ def compare(name: str, size: int, batch: int, rounds: int) -> dict:
     images = jax.random.normal(jax.random.key(0), (batch, size, size, 3), jnp.float32)
     steps = {}
     for form, fn in (("select", layers.activation), ("maximum", maximum_form)):
-        saved, layers.activation = layers.activation, fn
-        try:   # the form is read when the step is traced, at its first call
+        # The form is read when the step is traced, at its first call.
+        with mock.patch.object(layers, "activation", fn):
             step, params, stats = bench_models.make_train_step(
                 bench_models.random_model(name, 100, jnp.float32))
             loss = jax.block_until_ready(step(params, stats, images))[0]
-        finally:
-            layers.activation = saved
         steps[form] = (step, params, stats, float(loss))
     times = {form: [] for form in steps}
     for _ in range(rounds):
