@@ -162,6 +162,7 @@ def test_which_convolutions_the_cpu_kernels_take():
     (7, 3, 1, 1, True),     # BN-Inception 5b
     (8, 2, 2, 0, False),    # small_cnn
     (5, 3, 3, 0, True),
+    (14, 12, 1, 1, False),  # more than 127 taps: the winning tap needs more than a byte
 ])
 def test_max_pool_matches_native_including_ties(size, window, stride, padding, ceil_mode):
     rng = np.random.default_rng(size + window)

@@ -321,7 +321,7 @@ def activation(x: jax.Array, leak: float | None = None, *, cap: float | None = N
     # Written as selects, not jnp.maximum / jnp.minimum: their derivative compares the
     # input with the output twice and scales by 0.5 at ties, and XLA:CPU recomputes that
     # inside the backward pass's fusions; the select form trains ResNet-50 at 112 px
-    # about 1.3x faster, the other backbones about 1.1x (experiments/bench_activation.py).
+    # about 1.3x faster, the other backbones about 1.1x (experiments/bench_layer_forms.py --change=activation).
     # x <= 0 (rather than x > 0 picking x) lets NaN through.
     y = jnp.where(x <= 0, jnp.zeros((), x.dtype), x) if leak is None else \
         jnp.where(x >= 0, x, leak * x)
@@ -381,22 +381,62 @@ def _max_pool_native(x, window, stride, pads):
                                  (1,) + stride + (1,), pads)
 
 
-def _max_pool_shifted(x, window, stride, pads):
-    """Max-pooling as a running maximum over shifted strided slices of the -inf padded
-    input. Its autodiff is a chain of selects and pads instead of XLA's select_and_scatter
-    (slow on XLA:CPU); a tie keeps the earlier element (strict >), so the gradient goes
-    to the first maximum of each window in row-major order, as XLA's and PyTorch's do.
-
-    (A custom VJP that saved each window's argmax index and scattered with pads was
-    tried: under jit, XLA:CPU 0.10.2's YNNPACK reduce fusion then computed wrong
-    BatchNorm gradients for some odd map sizes; plain autodiff does not trigger it.)
-    """
+def _window_argmax(x, window, stride, pads):
+    """(running maximum over the shifted strided slices of the -inf padded input, index
+    of the winning tap in row-major order). A tie keeps the earlier tap (strict >), the
+    first maximum of the window, as XLA's and PyTorch's max-pooling gradients do."""
     padded = jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=-jnp.inf)
     out_hw = tuple((padded.shape[1 + a] - window[a]) // stride[a] + 1 for a in range(2))
-    best = None
-    for _, values in _window_slices(padded, window, stride, out_hw):
-        best = values if best is None else jnp.where(values > best, values, best)
-    return best
+    index_dtype = jnp.int8 if window[0] * window[1] <= 127 else jnp.int32
+    best = tap = None
+    for t, (_, values) in enumerate(_window_slices(padded, window, stride, out_hw)):
+        if best is None:
+            best, tap = values, jnp.zeros(values.shape, index_dtype)
+        else:
+            wins = values > best
+            best = jnp.where(wins, values, best)
+            tap = jnp.where(wins, jnp.asarray(t, index_dtype), tap)
+    return best, tap
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _max_pool_shifted(x, window, stride, pads):
+    """Max-pooling as a running maximum over shifted strided slices (``_window_argmax``).
+
+    XLA:CPU's own max-pooling backward (select_and_scatter) is slow, and so is plain
+    autodiff of the running maximum: XLA fuses the whole chain of comparisons, and the
+    BatchNorm + ReLU that produced ``x``, into one loop over the input that re-evaluates
+    them for every tap (ResNet-18 at 112 px: one such fusion took 100 ms of a 1.2 s
+    step). So the forward pass also keeps each window's winning tap (one byte per output)
+    and the backward pass spreads the cotangent from it without reading ``x``.
+    """
+    return _window_argmax(x, window, stride, pads)[0]
+
+
+def _max_pool_shifted_fwd(x, window, stride, pads):
+    best, tap = _window_argmax(x, window, stride, pads)
+    return best, (tap, x.shape[1:3])
+
+
+def _max_pool_shifted_bwd(window, stride, pads, residuals, g):
+    """Each tap's share of the cotangent (where it won), placed back at the input rows and
+    columns that tap reads (stride - 1 zeros between outputs; the padding cut off by
+    negative edge pads), summed over the taps."""
+    tap, in_hw = residuals
+    total = None
+    for t, (di, dj) in enumerate((di, dj) for di in range(window[0]) for dj in range(window[1])):
+        config = [(0, 0, 0)]
+        for a, offset in enumerate((di, dj)):
+            reach = offset + (g.shape[1 + a] - 1) * stride[a] + 1   # padded rows it spans
+            config.append((offset - pads[a][0], in_hw[a] + pads[a][0] - reach, stride[a] - 1))
+        config.append((0, 0, 0))
+        share = jax.lax.pad(jnp.where(tap == t, g, jnp.zeros((), g.dtype)),
+                            jnp.zeros((), g.dtype), config)
+        total = share if total is None else total + share
+    return (total,)
+
+
+_max_pool_shifted.defvjp(_max_pool_shifted_fwd, _max_pool_shifted_bwd)
 
 
 def avg_pool_include_pad(x: jax.Array, window: int, stride: int = 1,

@@ -1,14 +1,19 @@
-"""The select-form activations of gl_jax/models/layers.py against the jnp.maximum /
-jnp.minimum form they replaced, in one training step of each backbone, interleaved in
-one process.
+"""A CPU speed change of gl_jax/models/layers.py against the form it replaced, in one
+training step of each backbone, interleaved in one process.
 
-    python -m experiments.bench_activation --models=resnet50,efficientnet_lite0 --size=112
+    python -m experiments.bench_layer_forms --change=max_pool --models=resnet18 --size=112
 
-Both forms give the same outputs; their gradients differ only at exact ties (x = 0,
-x = cap), where the select form gives PyTorch's 0 and jnp.maximum 0.5. Each backbone's
-training step (experiments/bench_models.py) is compiled once per form, then the two are
-timed alternately --rounds times: the rows give the fastest and the median step and
-maximum-form / select-form, so drifts of a shared machine hit both alike.
+--change picks the pair:
+  activation  the select-form activations vs the jnp.maximum / jnp.minimum form. Same
+              outputs; gradients differ only at exact ties (x = 0, x = cap), where the
+              select form gives PyTorch's 0 and jnp.maximum 0.5.
+  max_pool    the CPU max-pooling with its own backward pass (the winning tap kept by the
+              forward pass) vs plain autodiff of the same running maximum. Same outputs
+              and gradients.
+
+Each backbone's training step (experiments/bench_models.py) is compiled once per form,
+then the two are timed alternately --rounds times: the rows give the fastest and the
+median step and earlier / current, so drifts of a shared machine hit both alike.
 """
 from __future__ import annotations
 
@@ -30,12 +35,24 @@ def maximum_form(x, leak=None, *, cap=None):
     return y if cap is None else jnp.minimum(y, cap)
 
 
-def compare(name: str, size: int, batch: int, rounds: int) -> dict:
+def autodiff_max_pool(x, window, stride, pads):
+    """The earlier ``layers._max_pool_shifted``: the same running maximum, differentiated
+    by JAX (no custom VJP)."""
+    return layers._window_argmax(x, window, stride, pads)[0]
+
+
+# --change: (name in layers, earlier form); the current form is whatever layers holds.
+CHANGES = {"activation": ("activation", maximum_form),
+           "max_pool": ("_max_pool_shifted", autodiff_max_pool)}
+
+
+def compare(name: str, size: int, batch: int, rounds: int, change: str) -> dict:
+    attribute, earlier = CHANGES[change]
     images = jax.random.normal(jax.random.key(0), (batch, size, size, 3), jnp.float32)
     steps = {}
-    for form, fn in (("select", layers.activation), ("maximum", maximum_form)):
+    for form, fn in (("current", getattr(layers, attribute)), ("earlier", earlier)):
         # The form is read when the step is traced, at its first call.
-        with mock.patch.object(layers, "activation", fn):
+        with mock.patch.object(layers, attribute, fn):
             step, params, stats = bench_models.make_train_step(
                 bench_models.random_model(name, 100, jnp.float32))
             loss = jax.block_until_ready(step(params, stats, images))[0]
@@ -47,7 +64,7 @@ def compare(name: str, size: int, batch: int, rounds: int) -> dict:
             jax.block_until_ready(step(params, stats, images))
             times[form].append(time.perf_counter() - start)
     row = dict(model=name, size=size,
-               loss_gap=abs(steps["select"][3] - steps["maximum"][3]))
+               loss_gap=abs(steps["current"][3] - steps["earlier"][3]))
     for form, ts in times.items():
         row[form] = (min(ts), float(np.median(ts)))
     return row
@@ -55,6 +72,7 @@ def compare(name: str, size: int, batch: int, rounds: int) -> dict:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--change", choices=sorted(CHANGES), default="max_pool")
     parser.add_argument("--models", default="resnet18,resnet50,efficientnet_lite0,bninception")
     parser.add_argument("--size", type=int, default=112, help="image size (px)")
     parser.add_argument("--batch", type=int, default=32)
@@ -70,14 +88,15 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    lines = ["| model | px | select ms (min / median) | maximum ms (min / median) "
-             "| maximum / select (min) | loss gap |", "|---|---|---|---|---|---|"]
+    lines = [f"change: {args.change}",
+             "| model | px | current ms (min / median) | earlier ms (min / median) "
+             "| earlier / current (min) | loss gap |", "|---|---|---|---|---|---|"]
     for name in args.models.split(","):
         size = bench_models.supported_size(name, args.size)
-        r = compare(name, size, args.batch, args.rounds)
-        (s_min, s_med), (m_min, m_med) = r["select"], r["maximum"]
-        lines.append(f"| {name} | {size} | {s_min * 1e3:.0f} / {s_med * 1e3:.0f} "
-                     f"| {m_min * 1e3:.0f} / {m_med * 1e3:.0f} | {m_min / s_min:.2f}x "
+        r = compare(name, size, args.batch, args.rounds, args.change)
+        (c_min, c_med), (e_min, e_med) = r["current"], r["earlier"]
+        lines.append(f"| {name} | {size} | {c_min * 1e3:.0f} / {c_med * 1e3:.0f} "
+                     f"| {e_min * 1e3:.0f} / {e_med * 1e3:.0f} | {e_min / c_min:.2f}x "
                      f"| {r['loss_gap']:.1e} |")
         print(lines[-1], flush=True)
     print()
