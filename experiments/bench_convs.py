@@ -5,8 +5,9 @@ gl_jax and in PyTorch eager, beside the whole training step of both.
     python -m experiments.bench_convs --model=resnet50 --size=227 --batch=32 --steps=3
 
 The convolutions are read from the jaxpr of the model's training forward (so they are the
-ones XLA runs: the CPU paths of gl_jax/models/layers.py have already replaced depthwise
-and tiny-output convolutions by slices and matrix products, which are not listed). Each
+ones XLA runs: the CPU paths of gl_jax/models/layers.py have already replaced depthwise,
+tiny-output and unpadded 1 x 1 convolutions by slices and matrix products, which are not
+listed and count in the rest of the step). Each
 distinct convolution is timed as one jitted forward + backward (the input's and the
 kernel's gradient for a random cotangent; only the kernel's when its input has 3
 channels, the images, which need no gradient) and as the same PyTorch ``conv2d`` forward

@@ -10,6 +10,8 @@ training step of each backbone, interleaved in one process.
   max_pool    the CPU max-pooling with its own backward pass (the winning tap kept by the
               forward pass) vs plain autodiff of the same running maximum. Same outputs
               and gradients.
+  pointwise   unpadded 1 x 1 convolutions as a matrix multiply vs XLA's convolution op.
+              Same function, float32 rounding apart.
 
 Each backbone's training step (experiments/bench_models.py) is compiled once per form,
 then the two are timed alternately --rounds times: the rows give the fastest and the
@@ -41,9 +43,19 @@ def autodiff_max_pool(x, window, stride, pads):
     return layers._window_argmax(x, window, stride, pads)[0]
 
 
+def native_pointwise(lhs, rhs, *args, **kwargs):
+    """The earlier ``layers.conv_general_dilated`` for 1 x 1 convolutions: XLA's op."""
+    if rhs.shape[:2] == (1, 1):
+        return jax.lax.conv_general_dilated(lhs, rhs, *args, **kwargs)
+    return CURRENT_CONV(lhs, rhs, *args, **kwargs)
+
+
+CURRENT_CONV = layers.conv_general_dilated
+
 # --change: (name in layers, earlier form); the current form is whatever layers holds.
 CHANGES = {"activation": ("activation", maximum_form),
-           "max_pool": ("_max_pool_shifted", autodiff_max_pool)}
+           "max_pool": ("_max_pool_shifted", autodiff_max_pool),
+           "pointwise": ("conv_general_dilated", native_pointwise)}
 
 
 def compare(name: str, size: int, batch: int, rounds: int, change: str) -> dict:

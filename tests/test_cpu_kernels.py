@@ -113,9 +113,11 @@ def test_depthwise_backward_passes_numerical_gradient_checks(size, kernel, strid
     (3, 5, 3, 3, 1, "SAME"),              # 3 x 3 output (the largest that qualifies)
     (5, 2, 3, 3, 2, ((0, 2), (1, 0))),   # asymmetric padding
     (1, 4, 4, 3, 1, ((1, 1), (1, 1))),   # a single pixel
+    (12, 8, 16, 1, 1, ((0, 0), (0, 0))), # 1 x 1 (ResNet-50's bottlenecks, Lite0's pointwise)
+    (11, 4, 6, 1, 2, "VALID"),            # 1 x 1 stride 2 on an odd map (the shortcuts)
 ])
-def test_dense_conv_with_small_output_matches_native(size, in_ch, out_ch, kernel, stride,
-                                                     padding):
+def test_dense_conv_with_small_output_or_1x1_matches_native(size, in_ch, out_ch, kernel,
+                                                            stride, padding):
     rng = np.random.default_rng(size * 100 + kernel * 10 + stride)
     x = jnp.asarray(rng.normal(size=(3, size, size, in_ch)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(kernel, kernel, in_ch, out_ch)), jnp.float32)
@@ -132,8 +134,9 @@ def test_dense_conv_with_small_output_matches_native(size, in_ch, out_ch, kernel
 
 
 def test_which_convolutions_the_cpu_kernels_take():
-    """Depthwise, and dense with <= SMALL_OUTPUT_PIXELS outputs; grouped convolutions and
-    larger dense ones keep XLA's op, and so does everything with the kernels off."""
+    """Depthwise, dense with <= SMALL_OUTPUT_PIXELS outputs, and unpadded 1 x 1; grouped
+    convolutions and larger dense ones keep XLA's op, and so does everything with the
+    kernels off."""
     def uses_native(x, w, groups=1, stride=1):
         jaxpr = jax.make_jaxpr(lambda x, w: layers.conv_general_dilated(
             x, w, (stride, stride), "SAME", dimension_numbers=NHWC,
@@ -150,7 +153,12 @@ def test_which_convolutions_the_cpu_kernels_take():
         assert not uses_native(jnp.ones((1, 3, 3, 4)), dense)    # 9
         assert uses_native(x, grouped, groups=2)
         assert not uses_native(x, depthwise, groups=4)
+        assert not uses_native(x, jnp.ones((1, 1, 4, 8)))             # 1 x 1, 36 pixels
+        padded_1x1 = jax.make_jaxpr(lambda x, w: layers.conv_general_dilated(
+            x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=NHWC))(x, jnp.ones((1, 1, 4, 8)))
+        assert "conv_general_dilated" in str(padded_1x1)             # padded: XLA's op
     with layers.cpu_kernels(False):
+        assert uses_native(x, jnp.ones((1, 1, 4, 8)))
         assert uses_native(x, depthwise, groups=4)
         assert uses_native(jnp.ones((1, 3, 3, 4)), dense)
 

@@ -8,13 +8,18 @@ def _cells(line):
     return [cell.strip() for cell in line.strip().strip("|").split("|")]
 
 
-def test_resnet18_runs_twenty_dense_convolutions():
-    convs = bench_convs.model_convolutions("resnet18", 112, 2)
+def test_resnet18_runs_twenty_dense_convolutions_seventeen_as_convolution_ops_on_cpu():
+    shortcut = Conv((2, 28, 28, 64), (1, 1, 64, 128), (2, 2), ((0, 0), (0, 0)), 1)
+    with layers.cpu_kernels(False):
+        convs = bench_convs.model_convolutions("resnet18", 112, 2)
     assert sum(convs.values()) == 20      # stem + 8 blocks x 2 + 3 downsampling 1 x 1
     stem = Conv((2, 112, 112, 3), (7, 7, 3, 64), (2, 2), ((3, 3), (3, 3)), 1)
     assert convs[stem] == 1 and not bench_convs.input_needs_grad(stem)
     assert convs[Conv((2, 28, 28, 64), (3, 3, 64, 64), (1, 1), ((1, 1), (1, 1)), 1)] == 4
-    assert convs[Conv((2, 28, 28, 64), (1, 1, 64, 128), (2, 2), ((0, 0), (0, 0)), 1)] == 1
+    assert convs[shortcut] == 1
+    with layers.cpu_kernels(True):        # the 1 x 1 shortcuts become matrix multiplies
+        cpu = bench_convs.model_convolutions("resnet18", 112, 2)
+    assert sum(cpu.values()) == 17 and shortcut not in cpu
 
 
 def test_only_the_convolutions_xla_runs_are_listed():

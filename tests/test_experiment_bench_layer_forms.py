@@ -29,18 +29,36 @@ def test_the_autodiff_max_pool_computes_the_same_values_and_gradients():
     assert float(jnp.sum(grads[0])) == 2 * 5 * 4 * (0 + 1 + 2)   # each window routes once
 
 
-@pytest.mark.parametrize("change, attribute", [("activation", "activation"),
-                                               ("max_pool", "_max_pool_shifted")])
-def test_a_tiny_run_times_both_forms_and_restores_the_layer(capsys, change, attribute):
+def test_the_native_pointwise_form_computes_the_same_convolution():
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(2, 7, 7, 4)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(1, 1, 4, 6)), jnp.float32)
+    nhwc = ("NHWC", "HWIO", "NHWC")
+    for stride in (1, 2):
+        outs = [fn(x, w, (stride, stride), "VALID", dimension_numbers=nhwc)
+                for fn in (layers.conv_general_dilated, bench_layer_forms.native_pointwise)]
+        assert outs[0].shape == (2, 7 // stride + stride - 1, 7 // stride + stride - 1, 6)
+        np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+
+
+# small_cnn has no 1 x 1 convolution. ResNet-18 at 16 px and batch 2 would end in 1 x 1
+# maps BatchNorm-ed over 2 values, where float32 rounding alone moves the loss by 1e-2
+# (either form against float64); 64 px and batch 4 is well conditioned.
+@pytest.mark.parametrize("change, attribute, model, size, batch", [
+    ("activation", "activation", "small_cnn", 16, 2),
+    ("max_pool", "_max_pool_shifted", "small_cnn", 16, 2),
+    ("pointwise", "conv_general_dilated", "resnet18", 64, 4)])
+def test_a_tiny_run_times_both_forms_and_restores_the_layer(capsys, change, attribute, model,
+                                                            size, batch):
     original = getattr(layers, attribute)
-    bench_layer_forms.main([f"--change={change}", "--models=small_cnn", "--size=16",
-                            "--batch=2", "--rounds=2"])
+    bench_layer_forms.main([f"--change={change}", f"--models={model}", f"--size={size}",
+                            f"--batch={batch}", "--rounds=2"])
     assert getattr(layers, attribute) is original
     out = capsys.readouterr().out
     assert f"change: {change}" in out
-    rows = [line for line in out.splitlines() if line.startswith("| small_cnn")]
+    rows = [line for line in out.splitlines() if line.startswith(f"| {model}")]
     cells = [cell.strip() for cell in rows[-1].strip("|").split("|")]
-    assert cells[1] == "16"
+    assert cells[1] == str(size)
     current_min, earlier_min = float(cells[2].split("/")[0]), float(cells[3].split("/")[0])
     assert current_min > 0 and earlier_min > 0
     assert float(cells[5]) < 1e-5        # same loss: the forms compute the same function

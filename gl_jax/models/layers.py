@@ -26,10 +26,11 @@ POOLINGS = ("avg", "max", "mix")
 # Per-platform kernels. XLA:CPU runs some of this package's ops far slower than the
 # arithmetic needs (issue 14): the backward pass of max-pooling (select_and_scatter), of
 # depthwise convolutions (the kernel gradient becomes a dense C x C convolution), and
-# dense convolutions with tiny outputs. On the CPU the functions below therefore compute
-# the same math from shifted strided slices, which XLA:CPU fuses into a few loops, or as
-# one matrix multiply; on GPU/TPU XLA's native ops are used. Beside them, the XLA flag
-# that moves CPU convolutions from YNNPACK to Eigen. This is the ONE place that decides.
+# dense convolutions with tiny outputs or 1 x 1 kernels. On the CPU the functions below
+# therefore compute the same math from shifted strided slices, which XLA:CPU fuses into a
+# few loops, or as one matrix multiply; on GPU/TPU XLA's native ops are used. Beside
+# them, the XLA flag that moves CPU convolutions from YNNPACK to Eigen. This is the ONE
+# place that decides.
 # ---------------------------------------------------------------------------------------
 _CPU_KERNELS_OVERRIDE: bool | None = None
 CPU_KERNELS_ENV = "GL_JAX_CPU_KERNELS"
@@ -237,9 +238,11 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          precision=None, **kwargs):
     """``jax.lax.conv_general_dilated`` (the signature ``nnx.Conv`` calls), except that
     when ``cpu_kernels_enabled()`` (decided when traced) a 2-D NHWC depthwise convolution
-    goes through ``depthwise_conv_shifted`` and a dense one with at most
-    SMALL_OUTPUT_PIXELS output pixels through ``conv_patches_dot``. ``conv()`` gives it
-    to every ``nnx.Conv``; every other convolution falls through to XLA's op.
+    goes through ``depthwise_conv_shifted``, and a dense one with at most
+    SMALL_OUTPUT_PIXELS output pixels, or an unpadded 1 x 1 one, through
+    ``conv_patches_dot`` (for 1 x 1 that is a plain matrix multiply, which XLA:CPU runs
+    faster than its convolution, its two gradients included). ``conv()`` gives it to every
+    ``nnx.Conv``; every other convolution falls through to XLA's op.
     """
     def native():
         return jax.lax.conv_general_dilated(
@@ -261,7 +264,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
         return depthwise_conv_shifted(lhs, rhs, stride, pads)
     if feature_group_count == 1:
         oh, ow = _out_hw(lhs.shape[1:3], rhs.shape[:2], stride, pads)
-        if oh * ow <= SMALL_OUTPUT_PIXELS:
+        pointwise = rhs.shape[:2] == (1, 1) and pads == ((0, 0), (0, 0))
+        if oh * ow <= SMALL_OUTPUT_PIXELS or pointwise:
             return conv_patches_dot(lhs, rhs, stride, pads)
     return native()
 
