@@ -113,7 +113,7 @@ def test_depthwise_backward_passes_numerical_gradient_checks(size, kernel, strid
     (3, 5, 3, 3, 1, "SAME"),              # 3 x 3 output (the largest that qualifies)
     (5, 2, 3, 3, 2, ((0, 2), (1, 0))),   # asymmetric padding
     (1, 4, 4, 3, 1, ((1, 1), (1, 1))),   # a single pixel
-    (12, 8, 16, 1, 1, ((0, 0), (0, 0))), # 1 x 1 (ResNet-50's bottlenecks, Lite0's pointwise)
+    (12, 8, 16, 1, 1, ((0, 0), (0, 0))),  # 1 x 1 (ResNet-50's bottlenecks, Lite0's)
     (11, 4, 6, 1, 2, "VALID"),            # 1 x 1 stride 2 on an odd map (the shortcuts)
 ])
 def test_dense_conv_with_small_output_or_1x1_matches_native(size, in_ch, out_ch, kernel,
@@ -225,6 +225,7 @@ def _backbone_run(name, size, dtype, enabled):
     with layers.cpu_kernels(enabled):
         (_, (embedding, new_stats)), grads = jax.jit(
             jax.value_and_grad(loss, has_aux=True))(params)
+
     def as_np(tree):
         return [np.asarray(leaf, np.float64) for leaf in jax.tree.leaves(tree)]
     return {"embedding": as_np(embedding), "statistics": as_np(new_stats),
