@@ -43,14 +43,15 @@ def autodiff_max_pool(x, window, stride, pads):
     return layers._window_argmax(x, window, stride, pads)[0]
 
 
+CURRENT_CONV = layers.conv_general_dilated   # taken at import, before any patching
+
+
 def native_pointwise(lhs, rhs, *args, **kwargs):
     """The earlier ``layers.conv_general_dilated`` for 1 x 1 convolutions: XLA's op."""
     if rhs.shape[:2] == (1, 1):
         return jax.lax.conv_general_dilated(lhs, rhs, *args, **kwargs)
     return CURRENT_CONV(lhs, rhs, *args, **kwargs)
 
-
-CURRENT_CONV = layers.conv_general_dilated
 
 # --change: (name in layers, earlier form); the current form is whatever layers holds.
 CHANGES = {"activation": ("activation", maximum_form),
