@@ -12,6 +12,10 @@ training step of each backbone, interleaved in one process.
               and gradients.
   pointwise   unpadded 1 x 1 convolutions as a matrix multiply vs XLA's convolution op.
               Same function, float32 rounding apart.
+  depthwise_grad
+              the depthwise kernel gradient reduced per image first ([B, C] per tap,
+              then the batch) vs one reduction straight to [C] per tap. Same gradient,
+              float32 rounding apart (summation order).
 
 Each backbone's training step (experiments/bench_models.py) is compiled once per form,
 then the two are timed alternately --rounds times: the rows give the fastest and the
@@ -53,10 +57,24 @@ def native_pointwise(lhs, rhs, *args, **kwargs):
     return CURRENT_CONV(lhs, rhs, *args, **kwargs)
 
 
+def per_channel_depthwise_grad(x, g, kernel_shape, stride, padding):
+    """The earlier ``layers._depthwise_kernel_grad``: every tap's products reduced over
+    batch and positions at once, in one variadic reduction."""
+    kh, kw = kernel_shape[:2]
+    acc = jnp.promote_types(g.dtype, jnp.float32)
+    products = tuple((window * g).astype(acc)
+                     for _, window in layers._conv_windows(x, (kh, kw), stride, padding))
+    zeros = tuple(jnp.zeros((), acc) for _ in products)
+    sums = jax.lax.reduce(products, zeros,
+                          lambda a, b: tuple(u + v for u, v in zip(a, b)), (0, 1, 2))
+    return jnp.stack(sums).reshape(kh, kw, 1, -1)
+
+
 # --change: (name in layers, earlier form); the current form is whatever layers holds.
 CHANGES = {"activation": ("activation", maximum_form),
            "max_pool": ("_max_pool_shifted", autodiff_max_pool),
-           "pointwise": ("conv_general_dilated", native_pointwise)}
+           "pointwise": ("conv_general_dilated", native_pointwise),
+           "depthwise_grad": ("_depthwise_kernel_grad", per_channel_depthwise_grad)}
 
 
 def compare(name: str, size: int, batch: int, rounds: int, change: str) -> dict:

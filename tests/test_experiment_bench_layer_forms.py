@@ -41,13 +41,33 @@ def test_the_native_pointwise_form_computes_the_same_convolution():
         np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
 
 
+def test_the_per_channel_depthwise_grad_computes_the_same_kernel_gradient():
+    rng = np.random.default_rng(3)
+    for stride, padding, kernel in ((1, ((1, 1), (1, 1)), 3), (2, ((1, 2), (1, 2)), 5)):
+        x = jnp.asarray(rng.normal(size=(3, 9, 8, 5)), jnp.float32)
+        out_hw = layers._out_hw((9, 8), (kernel, kernel), (stride, stride), padding)
+        g = jnp.asarray(rng.normal(size=(3, *out_hw, 5)), jnp.float32)
+        grads = [fn(x, g, (kernel, kernel, 1, 5), (stride, stride), padding)
+                 for fn in (layers._depthwise_kernel_grad,
+                            bench_layer_forms.per_channel_depthwise_grad)]
+        assert grads[0].shape == (kernel, kernel, 1, 5)
+        np.testing.assert_allclose(grads[0], grads[1], rtol=1e-5, atol=1e-5)
+        # and against the native grouped convolution's kernel gradient
+        w = jnp.zeros((kernel, kernel, 1, 5), jnp.float32)
+        _, vjp = jax.vjp(lambda w: jax.lax.conv_general_dilated(
+            x, w, (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=5), w)
+        np.testing.assert_allclose(grads[0], vjp(g)[0], rtol=1e-4, atol=1e-4)
+
+
 # small_cnn has no 1 x 1 convolution. ResNet-18 at 16 px and batch 2 would end in 1 x 1
 # maps BatchNorm-ed over 2 values, where float32 rounding alone moves the loss by 1e-2
 # (either form against float64); 64 px and batch 4 is well conditioned.
 @pytest.mark.parametrize("change, attribute, model, size, batch", [
     ("activation", "activation", "small_cnn", 16, 2),
     ("max_pool", "_max_pool_shifted", "small_cnn", 16, 2),
-    ("pointwise", "conv_general_dilated", "resnet18", 64, 4)])
+    ("pointwise", "conv_general_dilated", "resnet18", 64, 4),
+    ("depthwise_grad", "_depthwise_kernel_grad", "efficientnet_lite0", 32, 2)])
 def test_a_tiny_run_times_both_forms_and_restores_the_layer(capsys, change, attribute, model,
                                                             size, batch):
     original = getattr(layers, attribute)
