@@ -196,6 +196,7 @@ def _ratio(torch_s, jax_s):
 
 def main(argv=None):
     args = parse_args(argv)
+    bench_models.steady_allocator()     # as bench_models does: PyTorch's times steady
     use_torch = args.torch == "on"
     if args.torch == "auto":
         try:

@@ -21,12 +21,15 @@ beside their float32 rows, with the bf16 speed-up.
 Parameters are random (He-scaled NumPy draws into a shape-only model) because real
 initialisation compiles one program per parameter shape and would dominate a CPU run;
 speed does not depend on the values. Every speed is the fastest of --steps timed steps
-(after one warm-up). Timings on a shared CPU vary up to 2x between runs: compare within
-one run. Run with PYTHONPATH=. from a worktree, or the installed gl_jax is imported.
+(after one warm-up). The process keeps freed memory in its heap (``steady_allocator``):
+with glibc's default, PyTorch's step time depended on what the process had run before.
+Timings on a shared CPU still vary between runs: compare within one run. Run with
+PYTHONPATH=. from a worktree, or the installed gl_jax is imported.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import math
 import os
 import sys
@@ -99,6 +102,31 @@ def _time(fn, *args, steps: int) -> tuple[float, float]:
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - start)
     return first, min(times)
+
+
+# glibc's mallopt parameters (malloc.h): M_TRIM_THRESHOLD and M_MMAP_THRESHOLD.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def steady_allocator() -> bool:
+    """Keep freed memory in this process's heap (glibc malloc): no mmap for large blocks,
+    no trimming. Returns whether it took effect (False off glibc).
+
+    By default glibc serves large blocks with mmap and unmaps them on free, with an
+    adaptive threshold that moves with the process's history; PyTorch eager allocates and
+    frees its activations every step, so it then pays a page fault per fresh page, and its
+    step time depended on what had run before in the process: the small CNN's at 112 px
+    took 730-910 ms in fresh processes and about 350 ms with this setting, ResNet-18's
+    340-360 ms and 330 ms, Lite0's 420-460 ms and 350-360 ms. XLA keeps its own buffers and
+    did not move (2 December, 2 cores). Set once, for the whole benchmark process, before
+    either framework times a step.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)
+                    and libc.mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1))
+    except (OSError, AttributeError):
+        return False
 
 
 def supported_size(name: str, size: int) -> int:
@@ -200,10 +228,12 @@ def format_table(rows: list[dict]) -> str:
 
 def main(argv=None):
     args = parse_args(argv)
+    steady = steady_allocator()
     device = jax.devices()[0]
     accelerator = device.platform != "cpu"
     print(f"device: {device.device_kind} ({device.platform}), {jax.device_count()} device(s); "
-          f"batch {args.batch}, {args.steps} timed step(s)", flush=True)
+          f"batch {args.batch}, {args.steps} timed step(s); steady allocator: "
+          f"{'on' if steady else 'off (not glibc)'}", flush=True)
     jobs = [(name, supported_size(name, int(size)), jnp.float32) for name in args.models.split(",")
             for size in args.sizes.split(",")]
     if args.bf16 == "on" or (args.bf16 == "auto" and accelerator):

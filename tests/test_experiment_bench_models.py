@@ -1,4 +1,8 @@
 """experiments/bench_models.py: one real (tiny) run of its table, and the table's columns."""
+import platform
+
+import pytest
+
 from experiments import bench_models
 
 
@@ -29,3 +33,12 @@ def test_a_tiny_run_prints_one_row_per_size(capsys):
         cells = _cells(line)
         step, mpx = float(cells[6]), float(cells[7])
         assert step > 0 and abs(mpx - step * int(cells[1]) ** 2 / 1e6) <= 0.006
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+                    reason="mallopt is glibc's")
+def test_the_steady_allocator_takes_effect_on_glibc(capsys):
+    assert bench_models.steady_allocator() is True
+    bench_models.main(["--models=small_cnn", "--sizes=16", "--batch=2", "--steps=1",
+                       "--torch=off"])
+    assert "steady allocator: on" in capsys.readouterr().out
