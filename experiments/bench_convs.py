@@ -220,7 +220,7 @@ def main(argv=None):
         lines.append(f"| {describe(conv)} | {calls} | {_ms(jax_s)} | {_ms(torch_s)} "
                      f"| {_ratio(torch_s, jax_s)} |")
     step_args = argparse.Namespace(num_classes=100, batch=args.batch, steps=args.steps,
-                                   no_forward=True, no_backward=False,
+                                   min_seconds=0.0, no_forward=True, no_backward=False,
                                    torch="on" if use_torch else "off")
     row = bench_models.bench_one(args.model, size, jnp.float32, step_args)
     step_jax = args.batch / row["fwd_bwd"]

@@ -21,10 +21,11 @@ beside their float32 rows, with the bf16 speed-up.
 Parameters are random (He-scaled NumPy draws into a shape-only model) because real
 initialisation compiles one program per parameter shape and would dominate a CPU run;
 speed does not depend on the values. Every speed is the fastest of --steps timed steps
-(after one warm-up). The process keeps freed memory in its heap (``steady_allocator``):
-with glibc's default, PyTorch's step time depended on what the process had run before.
-Timings on a shared CPU still vary between runs: compare within one run. Run with
-PYTHONPATH=. from a worktree, or the installed gl_jax is imported.
+(after one warm-up; cheap steps are repeated until they add up to --min_seconds). The
+process keeps freed memory in its heap (``steady_allocator``): with glibc's default,
+PyTorch's step time depended on what the process had run before. Timings on a shared CPU
+still vary between runs: compare within one run. Run with PYTHONPATH=. from a worktree,
+or the installed gl_jax is imported.
 """
 from __future__ import annotations
 
@@ -53,6 +54,9 @@ def parse_args(argv=None):
     parser.add_argument("--sizes", default="64,112,227", help="comma-separated image sizes (px)")
     parser.add_argument("--batch", type=int, default=8, help="images per step")
     parser.add_argument("--steps", type=int, default=2, help="timed steps (after 1 warm-up)")
+    parser.add_argument("--min_seconds", type=float, default=1.0,
+                        help="time more steps (up to 50) until they add up to this many "
+                             "seconds, per model, size and framework")
     parser.add_argument("--num_classes", type=int, default=100, help="classifier size")
     parser.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
                         help="bfloat16 rows for resnet50/bninception at 227 px "
@@ -68,6 +72,8 @@ def parse_args(argv=None):
             parser.error(f"--models: unknown model {name!r}; known: {available_models()}")
     if args.batch < 1 or args.steps < 1:
         parser.error(f"--batch and --steps must be >= 1, got {args.batch}, {args.steps}")
+    if args.min_seconds < 0:
+        parser.error(f"--min_seconds must be >= 0, got {args.min_seconds}")
     return args
 
 
@@ -90,14 +96,17 @@ def random_model(name: str, num_classes: int, dtype, seed: int = 0) -> nnx.Modul
     return nnx.merge(graphdef, nnx.from_flat_state(filled))
 
 
-def _time(fn, *args, steps: int) -> tuple[float, float]:
-    """(seconds of the first call = compile + one run, seconds of the fastest of `steps`
-    later calls: the minimum is the least disturbed by other processes on a shared CPU)."""
+def _time(fn, *args, steps: int, min_seconds: float = 0.0,
+          max_steps: int = 50) -> tuple[float, float]:
+    """(seconds of the first call = compile + one run, seconds of the fastest of the later
+    calls: at least `steps` of them, more while they have taken less than `min_seconds`
+    in all, up to `max_steps`). The minimum is the least disturbed by other processes on
+    a shared CPU, and cheap steps get more tries at an undisturbed one."""
     start = time.perf_counter()
     jax.block_until_ready(fn(*args))
     first = time.perf_counter() - start
     times = []
-    for _ in range(steps):
+    while len(times) < steps or (sum(times) < min_seconds and len(times) < max_steps):
         start = time.perf_counter()
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - start)
@@ -152,11 +161,13 @@ def bench_one(name: str, size: int, dtype, args) -> dict:
         def forward(params, stats, images):
             return nnx.merge(eval_graphdef, params, stats)(images)[0]
 
-        compile_fwd, fwd = _time(forward, params, stats, images, steps=args.steps)
+        compile_fwd, fwd = _time(forward, params, stats, images, steps=args.steps,
+                                 min_seconds=args.min_seconds)
         row.update(compile=compile_fwd, fwd=args.batch / fwd)
     if not args.no_backward:
         train_step, params, stats = make_train_step(model)
-        compile_bwd, step = _time(train_step, params, stats, images, steps=args.steps)
+        compile_bwd, step = _time(train_step, params, stats, images, steps=args.steps,
+                                  min_seconds=args.min_seconds)
         row.update(compile=row["compile"] + compile_bwd, fwd_bwd=args.batch / step)
         if args.torch != "off" and row["dtype"] == "float32":
             row["torch"] = torch_step(name, size, args, row["params"])
@@ -190,9 +201,9 @@ def torch_step(name: str, size: int, args, params: int) -> float | None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     try:
         import torch_reference
-        seconds = torch_reference.time_torch_step(name, args.num_classes, size, args.batch,
-                                                  args.steps, expected_params=params,
-                                                  lr=LEARNING_RATE)
+        step = torch_reference.make_torch_step(name, args.num_classes, size, args.batch,
+                                               expected_params=params, lr=LEARNING_RATE)
+        seconds = _time(step, steps=args.steps, min_seconds=args.min_seconds)[1]
     except ImportError:
         if args.torch == "on":
             raise

@@ -1,5 +1,6 @@
 """experiments/bench_models.py: one real (tiny) run of its table, and the table's columns."""
 import platform
+import time
 
 import pytest
 
@@ -42,3 +43,21 @@ def test_the_steady_allocator_takes_effect_on_glibc(capsys):
     bench_models.main(["--models=small_cnn", "--sizes=16", "--batch=2", "--steps=1",
                        "--torch=off"])
     assert "steady allocator: on" in capsys.readouterr().out
+
+
+def test_cheap_steps_are_timed_until_they_add_up_to_min_seconds():
+    calls = []
+
+    def step():
+        calls.append(1)
+        time.sleep(0.01)
+
+    first, fastest = bench_models._time(step, steps=2, min_seconds=0.1)
+    assert 1 + 10 <= len(calls) <= 1 + 12          # warm-up + about 0.1 s of 10 ms calls
+    assert 0.01 <= fastest < 0.05 and first >= 0.01
+    calls.clear()
+    bench_models._time(step, steps=2, min_seconds=10.0, max_steps=5)
+    assert len(calls) == 1 + 5                      # capped
+    calls.clear()
+    bench_models._time(step, steps=3)               # no minimum: exactly --steps
+    assert len(calls) == 1 + 3
