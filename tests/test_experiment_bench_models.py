@@ -1,6 +1,5 @@
 """experiments/bench_models.py: one real (tiny) run of its table, and the table's columns."""
 import platform
-import time
 
 import pytest
 
@@ -45,19 +44,22 @@ def test_the_steady_allocator_takes_effect_on_glibc(capsys):
     assert "steady allocator: on" in capsys.readouterr().out
 
 
-def test_cheap_steps_are_timed_until_they_add_up_to_min_seconds():
+def test_cheap_steps_are_timed_until_they_add_up_to_min_seconds(monkeypatch):
+    # A fake clock: each call takes exactly 10 ms, whatever else runs on the machine.
+    clock = [0.0]
+    monkeypatch.setattr(bench_models.time, "perf_counter", lambda: clock[0])
     calls = []
 
     def step():
         calls.append(1)
-        time.sleep(0.01)
+        clock[0] += 0.03 if len(calls) == 1 else 0.01 + 0.001 * (len(calls) % 3)
 
     first, fastest = bench_models._time(step, steps=2, min_seconds=0.1)
-    assert 1 + 10 <= len(calls) <= 1 + 12          # warm-up + about 0.1 s of 10 ms calls
-    assert 0.01 <= fastest < 0.05 and first >= 0.01
+    assert len(calls) == 1 + 10           # warm-up + the calls until 0.1 s is reached (0.111)
+    assert fastest == pytest.approx(0.010) and first == pytest.approx(0.03)
     calls.clear()
     bench_models._time(step, steps=2, min_seconds=10.0, max_steps=5)
     assert len(calls) == 1 + 5                      # capped
     calls.clear()
-    bench_models._time(step, steps=3)               # no minimum: exactly --steps
-    assert len(calls) == 1 + 3
+    bench_models._time(step, steps=4, min_seconds=0.0)
+    assert len(calls) == 1 + 4                      # at least `steps`
