@@ -37,6 +37,7 @@ import numpy as np
 from flax import nnx
 
 from experiments import bench_models
+from gl_jax import host_memory
 from gl_jax.models import available_models, layers
 
 Conv = collections.namedtuple("Conv", "lhs rhs stride padding groups")
@@ -244,4 +245,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    host_memory.restart_with_huge_pages()    # as `python -m gl_jax.main` runs
     main()

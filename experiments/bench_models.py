@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gl_jax import host_memory
 from gl_jax.models import available_models, count_params, create_model
 from gl_jax.models.bninception import final_grid
 
@@ -244,7 +245,8 @@ def main(argv=None):
     accelerator = device.platform != "cpu"
     print(f"device: {device.device_kind} ({device.platform}), {jax.device_count()} device(s); "
           f"batch {args.batch}, {args.steps} timed step(s); steady allocator: "
-          f"{'on' if steady else 'off (not glibc)'}", flush=True)
+          f"{'on' if steady else 'off (not glibc)'}; huge pages: "
+          f"{'on' if host_memory.huge_pages_asked() else 'off'}", flush=True)
     jobs = [(name, supported_size(name, int(size)), jnp.float32) for name in args.models.split(",")
             for size in args.sizes.split(",")]
     if args.bf16 == "on" or (args.bf16 == "auto" and accelerator):
@@ -265,4 +267,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    host_memory.restart_with_huge_pages()    # as `python -m gl_jax.main` runs
     main()

@@ -26,6 +26,8 @@ import sys
 import tempfile
 import time
 
+from gl_jax import host_memory
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "gl_jax", "experiments")
 
@@ -112,4 +114,5 @@ def main():
 
 
 if __name__ == "__main__":
+    host_memory.restart_with_huge_pages()    # as `python -m gl_jax.main` runs
     main()

@@ -1,0 +1,156 @@
+"""What the host allocator changes in a training step: step time, page faults per step and
+peak resident memory under glibc's default and other settings, in fresh processes.
+
+    python -m experiments.bench_allocator                      # Lite0 and ResNet-18, 112 px
+    python -m experiments.bench_allocator --models=efficientnet_lite0 --sizes=112,227 \
+        --settings=default,huge_pages,one_heap
+
+Settings (each holds for a whole process and must be made before JAX starts its threads):
+- default: glibc's malloc as it comes (``glibc.malloc.hugetlb=0``);
+- huge_pages: ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``, what `gl_jax.host_memory` gives
+  the command lines: transparent huge pages for large blocks;
+- one_heap: freed memory kept in one heap (mallopt M_ARENA_MAX 1, M_MMAP_MAX 0,
+  M_TRIM_THRESHOLD -1), the alternative that was not kept: pages are reused, but the
+  heap fragments and peak memory grows.
+
+Every (backbone, size, setting) runs in its own child process, the settings of one backbone
+and size one after the other. The child times bench_models' training step (random
+parameters, batch --batch, train mode, SGD) for --steps steps after two warm-up steps and
+counts the minor page faults of each (getrusage). Prints one table: per setting the fastest
+and the median step, the median faults per step, the peak resident memory, and each
+setting's speed-up over the first one (fastest steps).
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+from gl_jax import host_memory
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SETTINGS = ("default", "huge_pages", "one_heap")
+# glibc's mallopt parameters (malloc.h), for one_heap.
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="efficientnet_lite0,resnet18",
+                        help="comma-separated registry names")
+    parser.add_argument("--sizes", default="112", help="comma-separated image sizes (px)")
+    parser.add_argument("--batch", type=int, default=32, help="images per step")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (after 2 warm-up)")
+    parser.add_argument("--settings", default="default,huge_pages",
+                        help="comma-separated, from " + ",".join(SETTINGS) + "; the first is "
+                             "the baseline of the speed-ups")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)   # "model,size"
+    return parser.parse_args(argv)
+
+
+def child(args) -> dict:
+    """One backbone and size in this process: times and faults of its training step."""
+    setting = os.environ["BENCH_ALLOCATOR_SETTING"]
+    if setting == "one_heap":                    # before JAX's first computation
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+        if not all([mallopt(_M_ARENA_MAX, 1), mallopt(_M_MMAP_MAX, 0),
+                    mallopt(_M_TRIM_THRESHOLD, -1)]):
+            raise RuntimeError("mallopt refused the one_heap setting")
+    import jax
+    import jax.numpy as jnp
+    from experiments import bench_models
+
+    name, size = args.child.split(",")
+    size = bench_models.supported_size(name, int(size))
+    model = bench_models.random_model(name, 100, jnp.float32)
+    step, params, stats = bench_models.make_train_step(model)
+    images = jax.random.normal(jax.random.key(0), (args.batch, size, size, 3), jnp.float32)
+    for _ in range(2):
+        jax.block_until_ready(step(params, stats, images))
+    seconds, faults = [], []
+    for _ in range(args.steps):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        start = time.perf_counter()
+        jax.block_until_ready(step(params, stats, images))
+        seconds.append(time.perf_counter() - start)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return {"setting": setting, "tunables": os.environ.get("GLIBC_TUNABLES", ""),
+            "size": size, "fastest": min(seconds),
+            "median": statistics.median(seconds), "faults": statistics.median(faults),
+            "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def child_environment(setting: str) -> dict:
+    """This process's environment with GLIBC_TUNABLES asking for huge pages or not."""
+    if setting not in SETTINGS:
+        raise ValueError(f"--settings: unknown setting {setting!r} (known: {', '.join(SETTINGS)})")
+    if setting == "huge_pages" and not host_memory.kernel_offers_huge_pages():
+        raise ValueError(f"huge_pages: this kernel offers no transparent huge pages "
+                         f"({host_memory.THP_ENABLED})")
+    env = dict(os.environ, BENCH_ALLOCATOR_SETTING=setting)
+    tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":")
+                if t and not t.startswith(host_memory.TUNABLE)]
+    tunables.append(f"{host_memory.TUNABLE}={int(setting == 'huge_pages')}")
+    env["GLIBC_TUNABLES"] = ":".join(tunables)
+    return env
+
+
+def run_child(args, name: str, size: int, setting: str) -> dict:
+    env = child_environment(setting)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")]))
+    command = [sys.executable, "-m", "experiments.bench_allocator", f"--child={name},{size}",
+               f"--batch={args.batch}", f"--steps={args.steps}"]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    if result["tunables"] != env["GLIBC_TUNABLES"]:
+        raise RuntimeError(f"the child ran with GLIBC_TUNABLES={result['tunables']!r}, "
+                           f"not {env['GLIBC_TUNABLES']!r}")
+    return result
+
+
+def table(settings, rows) -> str:
+    head = ["backbone", "px"]
+    for setting in settings:
+        head += [f"{setting}: fastest / median ms", "faults/step", "peak MB"]
+    head += [f"{setting} speed-up" for setting in settings[1:]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, results in rows:
+        cells = [name, str(results[0]["size"])]
+        for r in results:
+            cells += [f"{r['fastest'] * 1e3:.0f} / {r['median'] * 1e3:.0f}", f"{r['faults']:.0f}",
+                      f"{r['peak_mb']:.0f}"]
+        cells += [f"{results[0]['fastest'] / r['fastest']:.2f}x" for r in results[1:]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args)))
+        return
+    settings = args.settings.split(",")
+    for setting in settings:
+        child_environment(setting)               # an unknown or unavailable one fails now
+    rows = []
+    for name in args.models.split(","):
+        for size in args.sizes.split(","):
+            results = [run_child(args, name, int(size), setting) for setting in settings]
+            print(f"  {name} {size}px: " + ", ".join(
+                f"{s} {r['fastest'] * 1e3:.0f} ms" for s, r in zip(settings, results)),
+                flush=True)
+            rows.append((name, results))
+    print(f"batch {args.batch}, {args.steps} timed steps, one fresh process per setting")
+    print(table(settings, rows))
+
+
+if __name__ == "__main__":
+    main()

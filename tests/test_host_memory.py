@@ -1,0 +1,156 @@
+"""gl_jax.host_memory: the command lines restart once with glibc's hugetlb tunable, after
+which a jitted call's large buffers stop costing a page fault per 4 KiB page."""
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from gl_jax import host_memory
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
+def _thp_mode() -> str:
+    try:
+        with open(host_memory.THP_ENABLED) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def _child_env(**extra) -> dict:
+    env = dict(os.environ, **extra)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")]))
+    return env
+
+
+@pytest.fixture
+def huge_pages_offered(tmp_path, monkeypatch):
+    """A glibc system whose kernel offers transparent huge pages on request."""
+    thp = tmp_path / "enabled"
+    thp.write_text("always [madvise] never\n")
+    monkeypatch.setattr(host_memory, "THP_ENABLED", str(thp))
+    monkeypatch.setattr(host_memory, "_glibc", lambda: True)
+    return thp
+
+
+def test_the_tunable_is_added_to_the_environment(huge_pages_offered):
+    env = host_memory.environment_with_huge_pages({"HOME": "/h"})
+    assert env == {"HOME": "/h", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    env = host_memory.environment_with_huge_pages({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
+    assert env == {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"}
+
+
+@pytest.mark.parametrize("environ", [
+    {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},              # the restarted process
+    {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"},              # the user's own choice
+    {host_memory.ENV: "Default"},                              # opted out
+])
+def test_nothing_changes_when_set_already_or_opted_out(huge_pages_offered, environ):
+    assert host_memory.environment_with_huge_pages(environ) is None
+
+
+@pytest.mark.parametrize("mode", ["always madvise [never]\n", None])
+def test_nothing_changes_without_the_kernels_huge_pages(huge_pages_offered, mode):
+    if mode is None:
+        huge_pages_offered.unlink()
+    else:
+        huge_pages_offered.write_text(mode)
+    assert host_memory.environment_with_huge_pages({}) is None
+
+
+def test_nothing_changes_off_glibc(monkeypatch, tmp_path):
+    thp = tmp_path / "enabled"
+    thp.write_text("[always] madvise never\n")
+    monkeypatch.setattr(host_memory, "THP_ENABLED", str(thp))
+
+    def not_glibc(name):
+        raise ValueError(f"unrecognized configuration name {name}")
+    monkeypatch.setattr(host_memory.os, "confstr", not_glibc)
+    assert host_memory.environment_with_huge_pages({}) is None
+
+
+@pytest.mark.parametrize("tunables, asked", [
+    ("", False), ("glibc.malloc.hugetlb=1", True),
+    ("glibc.malloc.arena_max=2:glibc.malloc.hugetlb=2", True),
+    ("glibc.malloc.hugetlb=0", False), ("glibc.malloc.hugetlb=1:glibc.malloc.hugetlb=0", False),
+])
+def test_huge_pages_asked_reads_the_last_setting(tunables, asked):
+    assert host_memory.huge_pages_asked({"GLIBC_TUNABLES": tunables}) is asked
+
+
+@pytest.mark.skipif(not GLIBC, reason="a glibc tunable")
+def test_the_restart_happens_once_with_the_same_command_line(tmp_path):
+    code = ("import os, sys; from gl_jax import host_memory; "
+            "host_memory.THP_ENABLED = sys.argv[1]; host_memory.restart_with_huge_pages(); "
+            "print(os.getpid(), os.environ['GLIBC_TUNABLES'], sys.argv[2])")
+    thp = tmp_path / "enabled"
+    thp.write_text("always [madvise] never\n")
+    done = subprocess.run([sys.executable, "-c", code, str(thp), "an argument"],
+                          capture_output=True, text=True, check=True,
+                          env=_child_env(GLIBC_TUNABLES=""))
+    lines = done.stdout.splitlines()
+    assert len(lines) == 1 and lines[0].endswith(" glibc.malloc.hugetlb=1 an argument")
+
+
+@pytest.mark.skipif(not GLIBC, reason="a glibc tunable")
+@pytest.mark.parametrize("module, loads_jax_first", [
+    ("gl_jax.main", False), ("gl_jax.evaluate", False), ("experiments.bench_trainer", False),
+    # The benchmarks that import JAX at the top restart after it (a second lost, no harm:
+    # the backend and its threads start on first use).
+    ("experiments.bench_models", True), ("experiments.bench_convs", True),
+])
+def test_the_command_lines_restart_first(module, loads_jax_first, tmp_path):
+    thp = tmp_path / "enabled"
+    thp.write_text("always [madvise] never\n")
+    # os.execve replaced by a report: what it would run, and what was loaded by then.
+    code = f"""
+import os, runpy, sys
+from gl_jax import host_memory
+host_memory.THP_ENABLED = {str(thp)!r}
+def report(path, argv, env):
+    print(path == sys.executable, argv == sys.orig_argv, env["GLIBC_TUNABLES"],
+          "jax" in sys.modules, "tensorflow" in sys.modules)
+    sys.exit(0)
+os.execve = report
+runpy.run_module({module!r}, run_name="__main__")
+print("no restart")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True, env=_child_env(GLIBC_TUNABLES=""))
+    assert done.stdout.split() == ["True", "True", "glibc.malloc.hugetlb=1",
+                                   str(loads_jax_first), "False"]
+
+
+# A child process (the tunable is read at start): the minor page faults of the third call
+# of a jitted function with a 64 MiB output.
+_FAULTS = """
+import resource
+import jax, jax.numpy as jnp
+double = jax.jit(lambda x: x * 2.0)
+x = jnp.ones((16, 1024, 1024), jnp.float32)
+for _ in range(2):
+    y = double(x).block_until_ready()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+y = double(x).block_until_ready()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not GLIBC or "[never]" in _thp_mode() or not _thp_mode(),
+                    reason="needs glibc and the kernel's transparent huge pages")
+def test_huge_pages_remove_the_page_faults_of_a_repeated_jitted_call():
+    def faults(env):
+        done = subprocess.run([sys.executable, "-c", _FAULTS], env=env, capture_output=True,
+                              text=True, check=True)
+        return int(done.stdout)
+    default = _child_env(GLIBC_TUNABLES="glibc.malloc.hugetlb=0")
+    if "[madvise]" in _thp_mode():
+        # 64 MiB of fresh 4 KiB pages: 16,384 faults (huge pages only where asked for).
+        assert faults(default) > 15000
+    huge = host_memory.environment_with_huge_pages(_child_env(GLIBC_TUNABLES=""))
+    assert huge["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+    assert faults(huge) < 1000
