@@ -14,7 +14,8 @@ gl_jax.main`` calls ``restart_with_huge_pages()`` before its imports and is repl
 same command with ``GLIBC_TUNABLES`` extended (same process id, so launchers and
 schedulers do not notice). Nothing happens off glibc, when the kernel's transparent huge
 pages are ``never``, when ``GLIBC_TUNABLES`` already sets the tunable (0 keeps glibc's
-default), or when ``GL_JAX_HOST_MALLOC=default``.
+default), or when ``GL_JAX_HOST_MALLOC=default``. The restarted process carries
+``GL_JAX_HOST_MALLOC_RESTARTED=1`` and never restarts again.
 """
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ import sys
 
 TUNABLE = "glibc.malloc.hugetlb"
 ENV = "GL_JAX_HOST_MALLOC"
+# Set in the restarted process's environment: a second restart never happens, even where
+# the environment comes back without GLIBC_TUNABLES (glibc drops it in secure mode).
+RESTARTED = "GL_JAX_HOST_MALLOC_RESTARTED"
 THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
@@ -47,9 +51,9 @@ def environment_with_huge_pages(environ) -> dict | None:
     should change (see the module docstring)."""
     tunables = environ.get("GLIBC_TUNABLES", "")
     if (environ.get(ENV, "").strip().lower() == "default" or TUNABLE in tunables
-            or not _glibc() or not kernel_offers_huge_pages()):
+            or RESTARTED in environ or not _glibc() or not kernel_offers_huge_pages()):
         return None
-    env = dict(environ)
+    env = dict(environ, **{RESTARTED: "1"})
     env["GLIBC_TUNABLES"] = ":".join(filter(None, [tunables, f"{TUNABLE}=1"]))
     return env
 

@@ -39,15 +39,18 @@ def huge_pages_offered(tmp_path, monkeypatch):
 
 def test_the_tunable_is_added_to_the_environment(huge_pages_offered):
     env = host_memory.environment_with_huge_pages({"HOME": "/h"})
-    assert env == {"HOME": "/h", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    assert env == {"HOME": "/h", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1",
+                   host_memory.RESTARTED: "1"}
     env = host_memory.environment_with_huge_pages({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
-    assert env == {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"}
+    assert env == {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1",
+                   host_memory.RESTARTED: "1"}
 
 
 @pytest.mark.parametrize("environ", [
     {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},              # the restarted process
     {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"},              # the user's own choice
     {host_memory.ENV: "Default"},                              # opted out
+    {host_memory.RESTARTED: "1"},                              # tunables dropped on the way
 ])
 def test_nothing_changes_when_set_already_or_opted_out(huge_pages_offered, environ):
     assert host_memory.environment_with_huge_pages(environ) is None
