@@ -93,12 +93,9 @@ def child_environment(setting: str) -> dict:
     if setting == "huge_pages" and not host_memory.kernel_offers_huge_pages():
         raise ValueError(f"huge_pages: this kernel offers no transparent huge pages "
                          f"({host_memory.THP_ENABLED})")
-    env = dict(os.environ, BENCH_ALLOCATOR_SETTING=setting)
-    tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":")
-                if t and not t.startswith(host_memory.TUNABLE)]
-    tunables.append(f"{host_memory.TUNABLE}={int(setting == 'huge_pages')}")
-    env["GLIBC_TUNABLES"] = ":".join(tunables)
-    return env
+    tunables = host_memory.with_hugetlb(os.environ.get("GLIBC_TUNABLES", ""),
+                                        int(setting == "huge_pages"))
+    return dict(os.environ, BENCH_ALLOCATOR_SETTING=setting, GLIBC_TUNABLES=tunables)
 
 
 def run_child(args, name: str, size: int, setting: str) -> dict:

@@ -53,9 +53,14 @@ def environment_with_huge_pages(environ) -> dict | None:
     if (environ.get(ENV, "").strip().lower() == "default" or TUNABLE in tunables
             or RESTARTED in environ or not _glibc() or not kernel_offers_huge_pages()):
         return None
-    env = dict(environ, **{RESTARTED: "1"})
-    env["GLIBC_TUNABLES"] = ":".join(filter(None, [tunables, f"{TUNABLE}=1"]))
-    return env
+    return dict(environ, **{RESTARTED: "1", "GLIBC_TUNABLES": with_hugetlb(tunables, 1)})
+
+
+def with_hugetlb(tunables: str, value: int) -> str:
+    """A GLIBC_TUNABLES string with ``glibc.malloc.hugetlb`` set to ``value``, every other
+    tunable kept."""
+    kept = [t for t in tunables.split(":") if t and not t.startswith(TUNABLE)]
+    return ":".join(kept + [f"{TUNABLE}={value}"])
 
 
 def huge_pages_asked(environ=None) -> bool:
