@@ -155,7 +155,7 @@ def _first_tap_pool(x, window, stride, padding=0, *, ceil_mode=False):
 
 # Stand-ins for --ablate: (object, attribute, replacement).
 ABLATIONS = {
-    "BatchNorm": (nnx.BatchNorm, "__call__", lambda self, x, **kwargs: x),
+    "BatchNorm": (layers.BatchNorm, "__call__", lambda self, x, **kwargs: x),
     "activations": (layers, "activation", lambda x, leak=None, *, cap=None: x),
     "max pooling": (layers, "max_pool", _first_tap_pool),
 }

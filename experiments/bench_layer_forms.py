@@ -16,6 +16,9 @@ training step of each backbone, interleaved in one process.
               the depthwise kernel gradient reduced per image first ([B, C] per tap,
               then the batch) vs one reduction straight to [C] per tap. Same gradient,
               float32 rounding apart (summation order).
+  batch_norm  training-mode BatchNorm with its hand-written backward pass (two sums) vs
+              JAX's autodiff of the same forward (Flax's form). Same function, float32
+              rounding apart.
 
 Each backbone's training step (experiments/bench_models.py) is compiled once per form,
 then the two are timed alternately --rounds times: the rows give the fastest and the
@@ -32,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import bench_models
+from gl_jax import host_memory
 from gl_jax.models import available_models, layers
 
 
@@ -74,7 +78,8 @@ def per_channel_depthwise_grad(x, g, kernel_shape, stride, padding):
 CHANGES = {"activation": ("activation", maximum_form),
            "max_pool": ("_max_pool_shifted", autodiff_max_pool),
            "pointwise": ("conv_general_dilated", native_pointwise),
-           "depthwise_grad": ("_depthwise_kernel_grad", per_channel_depthwise_grad)}
+           "depthwise_grad": ("_depthwise_kernel_grad", per_channel_depthwise_grad),
+           "batch_norm": ("train_batch_norm", layers.batch_norm_autodiff)}
 
 
 def compare(name: str, size: int, batch: int, rounds: int, change: str) -> dict:
@@ -135,4 +140,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    host_memory.restart_with_huge_pages()    # as `python -m gl_jax.main` runs
     main()

@@ -106,6 +106,73 @@ def test_depthwise_backward_passes_numerical_gradient_checks(size, kernel, strid
                     (x, w), order=1, modes=("rev",), atol=1e-6, rtol=1e-6)
 
 
+def _batch_norm_step(shape, enabled, dtype=jnp.float32, train=True, seed=0):
+    """One BatchNorm layer (non-trivial scale, bias and running statistics): its output
+    against a random cotangent, gradients with respect to input, scale and bias, and the
+    updated statistics, with the CPU kernels on or off."""
+    rng = np.random.default_rng(seed)
+    channels = shape[-1]
+    bn = layers.batch_norm(channels, momentum=0.9, epsilon=1e-3, dtype=dtype, rngs=nnx.Rngs(0))
+    bn.scale[...] = jnp.asarray(rng.uniform(0.5, 2.0, channels), jnp.float32)
+    bn.bias[...] = jnp.asarray(rng.normal(size=channels), jnp.float32)
+    bn.mean[...] = jnp.asarray(rng.normal(size=channels), jnp.float32)
+    bn.var[...] = jnp.asarray(rng.uniform(0.5, 2.0, channels), jnp.float32)
+    bn.train() if train else bn.eval()
+    graphdef, params, stats = nnx.split(bn, nnx.Param, nnx.BatchStat)
+    # Large offsets and scales, as BN-Inception's 0-255 inputs give.
+    x = jnp.asarray(rng.normal(30.0, 20.0, size=shape), dtype)
+    cot = jnp.asarray(rng.normal(size=shape), dtype)
+
+    def loss(params, x):
+        m = nnx.merge(graphdef, params, stats, copy=True)
+        y = m(x)
+        return jnp.sum((y * cot).astype(jnp.float32)), (y, nnx.state(m, nnx.BatchStat))
+
+    with layers.cpu_kernels(enabled):
+        (_, (y, new_stats)), grads = jax.jit(
+            jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x)
+    return [y, *jax.tree.leaves(new_stats), *jax.tree.leaves(grads)]
+
+
+@pytest.mark.parametrize("shape", [(4, 5, 6, 7), (3, 1, 1, 16), (8, 12), (2, 3, 3, 5)])
+def test_batch_norm_matches_flax_in_train_mode(shape):
+    """The CPU BatchNorm (hand-written backward) against Flax's, which the GPU/TPU path
+    runs: output, both running statistics, and the gradients of scale, bias and input."""
+    native, kernels = _batch_norm_step(shape, False), _batch_norm_step(shape, True)
+    assert len(native) == 6   # y, mean, var, d bias, d scale, d x
+    for a, b in zip(kernels, native):
+        _close(a, b, rtol=2e-5)
+
+
+def test_batch_norm_takes_flax_path_outside_the_plain_float32_train_case():
+    """Eval mode and bfloat16 compute run Flax's own call on either setting (bit-equal)."""
+    for kwargs in ({"train": False}, {"dtype": jnp.bfloat16}):
+        native = _batch_norm_step((2, 3, 3, 4), False, **kwargs)
+        kernels = _batch_norm_step((2, 3, 3, 4), True, **kwargs)
+        for a, b in zip(kernels, native):
+            np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+def test_batch_norm_backward_passes_numerical_gradient_checks():
+    """The hand-written VJP against finite differences (float64), through all three
+    outputs: the normalised input and the batch mean and variance."""
+    from jax.test_util import check_grads
+    rng = np.random.default_rng(3)
+    with jax.enable_x64(True):
+        x = jnp.asarray(rng.normal(1.0, 2.0, size=(3, 4, 2, 5)))
+        scale, bias = jnp.asarray(rng.uniform(0.5, 2, 5)), jnp.asarray(rng.normal(size=5))
+        w_mean, w_var = jnp.asarray(rng.normal(size=5)), jnp.asarray(rng.normal(size=5))
+
+        def fn(x, scale, bias):
+            y, mean, var = layers.train_batch_norm(x, scale, bias, 1e-3)
+            return jnp.sin(y).sum() + mean @ w_mean + var @ w_var
+        check_grads(fn, (x, scale, bias), order=1, modes=("rev",), atol=1e-6, rtol=1e-6)
+        # And it is the function it replaces, value for value.
+        for a, b in zip(layers.train_batch_norm(x, scale, bias, 1e-3),
+                        layers.batch_norm_autodiff(x, scale, bias, 1e-3)):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("size, in_ch, out_ch, kernel, stride, padding", [
     (2, 6, 5, 3, 1, ((1, 1), (1, 1))),   # ResNet's last stage at 64 px: 2 x 2 maps
     (4, 4, 6, 3, 2, ((1, 1), (1, 1))),   # its stride-2 entry: 4 x 4 -> 2 x 2

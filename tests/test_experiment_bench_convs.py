@@ -52,14 +52,13 @@ def test_a_tiny_run_sums_the_convolutions_it_timed(capsys):
 
 def test_the_ablation_stand_ins_keep_shapes_and_are_restored():
     import jax.numpy as jnp
-    from flax import nnx
     x = jnp.arange(2 * 15 * 14 * 3, dtype=jnp.float32).reshape(2, 15, 14, 3)
     for window, stride, padding, ceil_mode in [(3, 2, 1, False), (3, 2, 0, True),
                                                (3, 1, 1, True), (2, 2, 0, False)]:
         pooled = layers.max_pool(x, window, stride, padding, ceil_mode=ceil_mode)
         stand_in = bench_convs._first_tap_pool(x, window, stride, padding, ceil_mode=ceil_mode)
         assert stand_in.shape == pooled.shape
-    originals = (nnx.BatchNorm.__call__, layers.activation, layers.max_pool)
+    originals = (layers.BatchNorm.__call__, layers.activation, layers.max_pool)
     try:
         with bench_convs.replaced(list(bench_convs.ABLATIONS)):
             assert layers.activation is not originals[1]
@@ -67,7 +66,7 @@ def test_the_ablation_stand_ins_keep_shapes_and_are_restored():
             raise RuntimeError("leave the block by an error")
     except RuntimeError:
         pass
-    assert (nnx.BatchNorm.__call__, layers.activation, layers.max_pool) == originals
+    assert (layers.BatchNorm.__call__, layers.activation, layers.max_pool) == originals
 
 
 def test_ablate_adds_one_row_per_stand_in_and_one_for_all(capsys):

@@ -60,6 +60,19 @@ def test_the_per_channel_depthwise_grad_computes_the_same_kernel_gradient():
         np.testing.assert_allclose(grads[0], vjp(g)[0], rtol=1e-4, atol=1e-4)
 
 
+def test_the_autodiff_batch_norm_is_what_the_hand_written_backward_replaces():
+    """Same outputs and gradients (scale, bias, input) as layers.train_batch_norm."""
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.normal(3.0, 2.0, size=(4, 5, 5, 6)), jnp.float32)
+    scale, bias = jnp.asarray(rng.uniform(0.5, 2, 6), jnp.float32), jnp.zeros(6, jnp.float32)
+    cot = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+    results = [jax.value_and_grad(lambda *a, fn=fn: jnp.sum(fn(*a, 1e-5)[0] * cot),
+                                  argnums=(0, 1, 2))(x, scale, bias)
+               for fn in (layers.train_batch_norm, layers.batch_norm_autodiff)]
+    for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
 # small_cnn has no 1 x 1 convolution. ResNet-18 at 16 px and batch 2 would end in 1 x 1
 # maps BatchNorm-ed over 2 values, where float32 rounding alone moves the loss by 1e-2
 # (either form against float64); 64 px and batch 4 is well conditioned.
@@ -67,7 +80,8 @@ def test_the_per_channel_depthwise_grad_computes_the_same_kernel_gradient():
     ("activation", "activation", "small_cnn", 16, 2),
     ("max_pool", "_max_pool_shifted", "small_cnn", 16, 2),
     ("pointwise", "conv_general_dilated", "resnet18", 64, 4),
-    ("depthwise_grad", "_depthwise_kernel_grad", "efficientnet_lite0", 32, 2)])
+    ("depthwise_grad", "_depthwise_kernel_grad", "efficientnet_lite0", 32, 2),
+    ("batch_norm", "train_batch_norm", "small_cnn", 16, 2)])
 def test_a_tiny_run_times_both_forms_and_restores_the_layer(capsys, change, attribute, model,
                                                             size, batch):
     original = getattr(layers, attribute)

@@ -105,6 +105,7 @@ def test_the_restart_happens_once_with_the_same_command_line(tmp_path):
     # The benchmarks that import JAX at the top restart after it (a second lost, no harm:
     # the backend and its threads start on first use).
     ("experiments.bench_models", True), ("experiments.bench_convs", True),
+    ("experiments.bench_layer_forms", True),
 ])
 def test_the_command_lines_restart_first(module, loads_jax_first, tmp_path):
     thp = tmp_path / "enabled"
