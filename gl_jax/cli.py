@@ -45,8 +45,30 @@ def _show_tracebacks() -> bool:
     return verbosity >= 1 or os.environ.get("GL_JAX_TRACEBACK", "") not in ("", "0")
 
 
+def config_package_importable(argv) -> None:
+    """Config files import their siblings as a package (``from configs import common``),
+    which resolves only while the directory above that package is on sys.path: so from
+    the repository root, but not when a command runs elsewhere with a path to the file
+    (``--config=/path/to/gl_jax/configs/omniglot.py``). For a --config file inside a
+    package (a directory with __init__.py), that directory's parent is appended to
+    sys.path; anything installed keeps precedence."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            value = arg[len("--config="):]
+        elif arg == "--config" and i + 1 < len(argv):
+            value = argv[i + 1]
+        else:
+            continue
+        package = os.path.dirname(os.path.abspath(value.split(":", 1)[0]))
+        parent = os.path.dirname(package)
+        if os.path.isfile(os.path.join(package, "__init__.py")) and parent not in sys.path:
+            sys.path.append(parent)
+
+
 def run(main) -> None:
     """`app.run(main)`; user errors -> one line on stderr and a non-zero exit status."""
+    config_package_importable(sys.argv)
+
     def guarded(argv):
         if not flags.FLAGS["verbosity"].present:
             # Quiet by default: the run prints its own summary lines; dependencies' INFO
