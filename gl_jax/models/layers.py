@@ -30,9 +30,8 @@ POOLINGS = ("avg", "max", "mix")
 # BatchNorm. On the CPU the functions below therefore compute the same math from shifted
 # strided slices, which XLA:CPU fuses into a few loops, or as one matrix multiply, and
 # BatchNorm has a hand-written backward pass; on GPU/TPU XLA's native ops and JAX's
-# autodiff are used. Beside
-# them, the XLA flag that moves CPU convolutions from YNNPACK to Eigen. This is the ONE
-# place that decides.
+# autodiff are used. Beside them, the XLA flag that moves CPU convolutions from YNNPACK
+# to Eigen. This is the ONE place that decides.
 # ---------------------------------------------------------------------------------------
 _CPU_KERNELS_OVERRIDE: bool | None = None
 CPU_KERNELS_ENV = "GL_JAX_CPU_KERNELS"
@@ -316,10 +315,8 @@ def _batch_norm_hand_vjp(x, scale, bias, epsilon):
 
 
 def _batch_norm_fwd(x, scale, bias, epsilon):
-    mean, var = _batch_statistics(x)
-    inv = jax.lax.rsqrt(var + epsilon)
-    y = (x - mean) * (inv * scale) + bias
-    return (y, mean, var), (x, mean, inv, scale)
+    y, mean, var = batch_norm_autodiff(x, scale, bias, epsilon)
+    return (y, mean, var), (x, mean, jax.lax.rsqrt(var + epsilon), scale)  # XLA shares rsqrt
 
 
 def _batch_norm_bwd(epsilon, residuals, cotangents):
