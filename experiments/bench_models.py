@@ -13,7 +13,9 @@ update, BatchNorm statistics updated), the step's megapixels/s (images/s x px^2:
 across sizes when no size hits a slow path) and the ratio forward / step. When torch (and
 torchvision for the ResNets) is importable, the same training step of the same backbone
 (experiments/torch_reference.py: same batch, size, loss, SGD; PyTorch eager, NCHW) is
-timed in the same run and the table adds its images/s and gl_jax / PyTorch; torch is
+timed in the same run, in turns with gl_jax's step (one step of each per round, so both
+meet the same state of a shared machine), and the table adds its images/s and gl_jax /
+PyTorch; torch is
 never a dependency of gl_jax (--torch=off skips it). When an accelerator is present,
 ResNet-50 and BN-Inception at 227 px are added in bfloat16 compute (float32 parameters)
 beside their float32 rows, with the bf16 speed-up.
@@ -103,15 +105,31 @@ def _time(fn, *args, steps: int, min_seconds: float = 0.0,
     calls: at least `steps` of them, more while they have taken less than `min_seconds`
     in all, up to `max_steps`). The minimum is the least disturbed by other processes on
     a shared CPU, and cheap steps get more tries at an undisturbed one."""
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    first = time.perf_counter() - start
-    times = []
-    while len(times) < steps or (sum(times) < min_seconds and len(times) < max_steps):
+    return _time_alternating([lambda: fn(*args)], steps=steps, min_seconds=min_seconds,
+                             max_steps=max_steps)[0]
+
+
+def _time_alternating(calls, *, steps: int, min_seconds: float = 0.0,
+                      max_steps: int = 50) -> list[tuple[float, float]]:
+    """``_time`` for several zero-argument calls at once, taking turns: each is called once
+    (compile + run), then rounds of one timed call of each, in order, until there have
+    been `steps` rounds and every call has taken `min_seconds` in all (at most
+    `max_steps` rounds). Returns (first, fastest) per call. Taking turns puts the two
+    frameworks' steps side by side in time, so that a shared machine's slower minutes
+    fall on both: timed one after the other, minutes apart, the same command's ratio
+    moved by up to 1.3x between runs."""
+    def timed(call):
         start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return first, min(times)
+        jax.block_until_ready(call())
+        return time.perf_counter() - start
+
+    firsts = [timed(call) for call in calls]
+    times = [[] for _ in calls]
+    while len(times[0]) < steps or (min(sum(t) for t in times) < min_seconds
+                                    and len(times[0]) < max_steps):
+        for call, spent in zip(calls, times):
+            spent.append(timed(call))
+    return [(first, min(spent)) for first, spent in zip(firsts, times)]
 
 
 # glibc's mallopt parameters (malloc.h): M_TRIM_THRESHOLD and M_MMAP_THRESHOLD.
@@ -167,11 +185,15 @@ def bench_one(name: str, size: int, dtype, args) -> dict:
         row.update(compile=compile_fwd, fwd=args.batch / fwd)
     if not args.no_backward:
         train_step, params, stats = make_train_step(model)
-        compile_bwd, step = _time(train_step, params, stats, images, steps=args.steps,
-                                  min_seconds=args.min_seconds)
-        row.update(compile=row["compile"] + compile_bwd, fwd_bwd=args.batch / step)
+        calls = [lambda: train_step(params, stats, images)]
         if args.torch != "off" and row["dtype"] == "float32":
-            row["torch"] = torch_step(name, size, args, row["params"])
+            twin = torch_step(name, size, args, row["params"])
+            calls += [twin] if twin is not None else []
+        timings = _time_alternating(calls, steps=args.steps, min_seconds=args.min_seconds)
+        (compile_bwd, step), torch_timing = timings[0], timings[1:]
+        row.update(compile=row["compile"] + compile_bwd, fwd_bwd=args.batch / step)
+        if torch_timing:
+            row["torch"] = args.batch / torch_timing[0][1]
     return row
 
 
@@ -196,20 +218,19 @@ def make_train_step(model: nnx.Module):
     return train_step, params, stats
 
 
-def torch_step(name: str, size: int, args, params: int) -> float | None:
-    """PyTorch eager images/s of the same training step, or None when torch is missing
-    (an error with --torch=on)."""
+def torch_step(name: str, size: int, args, params: int):
+    """A zero-argument function running PyTorch eager's twin of the same training step, or
+    None when torch is missing (an error with --torch=on). ``bench_one`` times it in turns
+    with gl_jax's step."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     try:
         import torch_reference
-        step = torch_reference.make_torch_step(name, args.num_classes, size, args.batch,
+        return torch_reference.make_torch_step(name, args.num_classes, size, args.batch,
                                                expected_params=params, lr=LEARNING_RATE)
-        seconds = _time(step, steps=args.steps, min_seconds=args.min_seconds)[1]
     except ImportError:
         if args.torch == "on":
             raise
         return None
-    return args.batch / seconds
 
 
 def _num(value, fmt=".1f", suffix=""):

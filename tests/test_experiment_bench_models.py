@@ -63,3 +63,39 @@ def test_cheap_steps_are_timed_until_they_add_up_to_min_seconds(monkeypatch):
     calls.clear()
     bench_models._time(step, steps=4, min_seconds=0.0)
     assert len(calls) == 1 + 4                      # at least `steps`
+
+
+def test_two_steps_are_timed_in_turns_until_both_add_up_to_min_seconds(monkeypatch):
+    # Fake clock: "a" takes 10 ms, "b" 40 ms, and b's third call is disturbed (400 ms).
+    clock, order = [0.0], []
+    monkeypatch.setattr(bench_models.time, "perf_counter", lambda: clock[0])
+
+    def call(name, seconds):
+        def run():
+            order.append(name)
+            clock[0] += seconds(order.count(name))
+        return run
+
+    a = call("a", lambda n: 0.01)
+    b = call("b", lambda n: 0.4 if n == 3 else 0.04)
+    (first_a, fast_a), (first_b, fast_b) = bench_models._time_alternating(
+        [a, b], steps=2, min_seconds=0.1)
+    # warm-up a, b, then rounds a, b: after 10 rounds a has spent 0.1 s (b long before)
+    assert order == ["a", "b"] * 11
+    assert fast_a == pytest.approx(0.01) and fast_b == pytest.approx(0.04)
+    assert first_b == pytest.approx(0.04)
+    order.clear()
+    bench_models._time_alternating([a, b], steps=3, min_seconds=0.0)
+    assert order == ["a", "b"] * 4
+
+
+def test_the_pytorch_twin_is_timed_beside_the_step(monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(bench_models, "torch_step",
+                        lambda name, size, args, params: lambda: calls.append(size))
+    bench_models.main(["--models=small_cnn", "--sizes=16", "--batch=2", "--steps=3",
+                       "--min_seconds=0", "--no_forward", "--torch=on"])
+    assert calls == [16] * 4                                 # warm-up + 3 rounds
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| small")]
+    cells = _cells(row[0])
+    assert float(cells[9]) > 0 and cells[10].endswith("x")
