@@ -9,9 +9,9 @@ Settings (each holds for a whole process and must be made before JAX starts its 
 - default: glibc's malloc as it comes (``glibc.malloc.hugetlb=0``);
 - huge_pages: ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``, what `gl_jax.host_memory` gives
   the command lines: transparent huge pages for large blocks;
-- one_heap: freed memory kept in one heap (mallopt M_ARENA_MAX 1, M_MMAP_MAX 0,
-  M_TRIM_THRESHOLD -1), the alternative that was not kept: pages are reused, but the
-  heap fragments and peak memory grows.
+- one_heap: freed memory kept in one heap (GLIBC_TUNABLES ONE_HEAP_TUNABLES: one arena
+  for every thread, no mmap, no trimming), the alternative that was not kept: pages are
+  reused, but the heap keeps all it ever held and fragments, and peak memory grows.
 
 Every (backbone, size, setting) runs in its own child process, the settings of one backbone
 and size one after the other. The child times bench_models' training step (random
@@ -23,7 +23,6 @@ setting's speed-up over the first one (fastest steps).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import resource
@@ -36,8 +35,10 @@ from gl_jax import host_memory
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = ("default", "huge_pages", "one_heap")
-# glibc's mallopt parameters (malloc.h), for one_heap.
-_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+# Set when the process starts (mallopt from Python came after the first threads had
+# their own arenas).
+ONE_HEAP_TUNABLES = {"glibc.malloc.arena_max": "1", "glibc.malloc.mmap_max": "0",
+                     "glibc.malloc.trim_threshold": str(2 ** 64 - 1)}
 
 
 def parse_args(argv=None):
@@ -57,11 +58,6 @@ def parse_args(argv=None):
 def child(args) -> dict:
     """One backbone and size in this process: times and faults of its training step."""
     setting = os.environ["BENCH_ALLOCATOR_SETTING"]
-    if setting == "one_heap":                    # before JAX's first computation
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-        if not all([mallopt(_M_ARENA_MAX, 1), mallopt(_M_MMAP_MAX, 0),
-                    mallopt(_M_TRIM_THRESHOLD, -1)]):
-            raise RuntimeError("mallopt refused the one_heap setting")
     import jax
     import jax.numpy as jnp
     from experiments import bench_models
@@ -95,6 +91,9 @@ def child_environment(setting: str) -> dict:
                          f"({host_memory.THP_ENABLED})")
     tunables = host_memory.with_hugetlb(os.environ.get("GLIBC_TUNABLES", ""),
                                         int(setting == "huge_pages"))
+    if setting == "one_heap":
+        kept = [t for t in tunables.split(":") if t.split("=", 1)[0] not in ONE_HEAP_TUNABLES]
+        tunables = ":".join(kept + [f"{k}={v}" for k, v in ONE_HEAP_TUNABLES.items()])
     return dict(os.environ, BENCH_ALLOCATOR_SETTING=setting, GLIBC_TUNABLES=tunables)
 
 

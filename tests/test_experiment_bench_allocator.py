@@ -31,3 +31,11 @@ def test_a_tiny_run_in_child_processes(capsys):
         fastest, median = (float(x) for x in fastest_median.split(" / "))
         assert 0 <= fastest <= median and int(faults) >= 0 and float(peak) > 50
     assert cells[-1].endswith("x") and float(cells[-1][:-1]) > 0
+
+
+def test_one_heap_sets_its_tunables_from_the_process_start(monkeypatch):
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=4:glibc.malloc.tcache_count=0")
+    tunables = bench_allocator.child_environment("one_heap")["GLIBC_TUNABLES"].split(":")
+    assert tunables == ["glibc.malloc.tcache_count=0", "glibc.malloc.hugetlb=0",
+                        "glibc.malloc.arena_max=1", "glibc.malloc.mmap_max=0",
+                        f"glibc.malloc.trim_threshold={2 ** 64 - 1}"]
