@@ -116,8 +116,8 @@ def _time_alternating(calls, *, steps: int, min_seconds: float = 0.0,
     been `steps` rounds and every call has taken `min_seconds` in all (at most
     `max_steps` rounds). Returns (first, fastest) per call. Taking turns puts the two
     frameworks' steps side by side in time, so that a shared machine's slower minutes
-    fall on both: timed one after the other, minutes apart, the same command's ratio
-    moved by up to 1.3x between runs."""
+    fall on both (timed one after the other, minutes apart, the same command's ratios
+    moved by up to 1.5x between runs; docs/models.md)."""
     def timed(call):
         start = time.perf_counter()
         jax.block_until_ready(call())
