@@ -92,8 +92,7 @@ def child_environment(setting: str) -> dict:
     tunables = host_memory.with_hugetlb(os.environ.get("GLIBC_TUNABLES", ""),
                                         int(setting == "huge_pages"))
     if setting == "one_heap":
-        kept = [t for t in tunables.split(":") if t.split("=", 1)[0] not in ONE_HEAP_TUNABLES]
-        tunables = ":".join(kept + [f"{k}={v}" for k, v in ONE_HEAP_TUNABLES.items()])
+        tunables = host_memory.with_tunables(tunables, ONE_HEAP_TUNABLES)
     return dict(os.environ, BENCH_ALLOCATOR_SETTING=setting, GLIBC_TUNABLES=tunables)
 
 

@@ -59,8 +59,14 @@ def environment_with_huge_pages(environ) -> dict | None:
 def with_hugetlb(tunables: str, value: int) -> str:
     """A GLIBC_TUNABLES string with ``glibc.malloc.hugetlb`` set to ``value``, every other
     tunable kept."""
-    kept = [t for t in tunables.split(":") if t and not t.startswith(TUNABLE)]
-    return ":".join(kept + [f"{TUNABLE}={value}"])
+    return with_tunables(tunables, {TUNABLE: value})
+
+
+def with_tunables(tunables: str, settings: dict) -> str:
+    """A GLIBC_TUNABLES string with each ``name: value`` of ``settings`` set (appended in
+    order, replacing any earlier setting of that name), every other tunable kept."""
+    kept = [t for t in tunables.split(":") if t and t.split("=", 1)[0] not in settings]
+    return ":".join(kept + [f"{name}={value}" for name, value in settings.items()])
 
 
 def huge_pages_asked(environ=None) -> bool:
