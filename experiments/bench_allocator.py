@@ -11,7 +11,10 @@ Settings (each holds for a whole process and must be made before JAX starts its 
   the command lines: transparent huge pages for large blocks;
 - one_heap: freed memory kept in one heap (GLIBC_TUNABLES ONE_HEAP_TUNABLES: one arena
   for every thread, no mmap, no trimming), the alternative that was not kept: pages are
-  reused, but the heap keeps all it ever held and fragments, and peak memory grows.
+  reused, but the heap keeps all it ever held and fragments, and peak memory grows;
+- tcmalloc: gperftools' tcmalloc (``LD_PRELOAD``, the library from --tcmalloc or the
+  system's ``libtcmalloc_minimal``, e.g. Debian's libtcmalloc-minimal4): keeps freed spans
+  for reuse without the per-thread arenas that make one_heap grow.
 
 Every (backbone, size, setting) runs in its own child process, the settings of one backbone
 and size one after the other. The child times bench_models' training step (random
@@ -34,7 +37,7 @@ import time
 from gl_jax import host_memory
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SETTINGS = ("default", "huge_pages", "one_heap")
+SETTINGS = ("default", "huge_pages", "one_heap", "tcmalloc")
 # Set when the process starts (mallopt from Python came after the first threads had
 # their own arenas).
 ONE_HEAP_TUNABLES = {"glibc.malloc.arena_max": "1", "glibc.malloc.mmap_max": "0",
@@ -51,6 +54,9 @@ def parse_args(argv=None):
     parser.add_argument("--settings", default="default,huge_pages",
                         help="comma-separated, from " + ",".join(SETTINGS) + "; the first is "
                              "the baseline of the speed-ups")
+    parser.add_argument("--tcmalloc", default=None,
+                        help="path of libtcmalloc for the tcmalloc setting (default: the "
+                             "system's libtcmalloc_minimal)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)   # "model,size"
     return parser.parse_args(argv)
 
@@ -77,13 +83,39 @@ def child(args) -> dict:
         seconds.append(time.perf_counter() - start)
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     return {"setting": setting, "tunables": os.environ.get("GLIBC_TUNABLES", ""),
+            "preloaded": _mapped(os.environ.get("LD_PRELOAD")),
             "size": size, "fastest": min(seconds),
             "median": statistics.median(seconds), "faults": statistics.median(faults),
             "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def child_environment(setting: str) -> dict:
-    """This process's environment with GLIBC_TUNABLES asking for huge pages or not."""
+def _mapped(library: str | None) -> bool:
+    """Whether ``library`` (a path or a soname such as libtcmalloc_minimal.so.4) is mapped
+    into this process; the mapped file may be the versioned file a soname links to."""
+    if not library:
+        return False
+    with open("/proc/self/maps") as maps:
+        return any(os.path.basename(library) in line for line in maps)
+
+
+def find_tcmalloc(path: str | None) -> str:
+    """The tcmalloc library to preload: ``path``, or the soname of the system's
+    libtcmalloc_minimal (ld.so finds it)."""
+    import ctypes.util
+    if path:
+        if not os.path.isfile(path):
+            raise ValueError(f"--tcmalloc: {path} is not a file")
+        return path
+    found = ctypes.util.find_library("tcmalloc_minimal")
+    if not found:
+        raise ValueError("tcmalloc: no libtcmalloc_minimal on this system (Debian/Ubuntu: "
+                         "libtcmalloc-minimal4); give its path with --tcmalloc=PATH")
+    return found
+
+
+def child_environment(setting: str, tcmalloc: str | None = None) -> dict:
+    """This process's environment for ``setting``: GLIBC_TUNABLES asking for huge pages or
+    not, and for tcmalloc the library in LD_PRELOAD."""
     if setting not in SETTINGS:
         raise ValueError(f"--settings: unknown setting {setting!r} (known: {', '.join(SETTINGS)})")
     if setting == "huge_pages" and not host_memory.kernel_offers_huge_pages():
@@ -93,11 +125,17 @@ def child_environment(setting: str) -> dict:
                                         int(setting == "huge_pages"))
     if setting == "one_heap":
         tunables = host_memory.with_tunables(tunables, ONE_HEAP_TUNABLES)
-    return dict(os.environ, BENCH_ALLOCATOR_SETTING=setting, GLIBC_TUNABLES=tunables)
+    env = dict(os.environ, BENCH_ALLOCATOR_SETTING=setting, GLIBC_TUNABLES=tunables)
+    env.pop("LD_PRELOAD", None)
+    if setting == "tcmalloc":
+        # Its report of every allocation over 1 GB would flood stderr.
+        env.update(LD_PRELOAD=find_tcmalloc(tcmalloc),
+                   TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD=str(2 ** 62))
+    return env
 
 
 def run_child(args, name: str, size: int, setting: str) -> dict:
-    env = child_environment(setting)
+    env = child_environment(setting, args.tcmalloc)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")]))
     command = [sys.executable, "-m", "experiments.bench_allocator", f"--child={name},{size}",
                f"--batch={args.batch}", f"--steps={args.steps}"]
@@ -108,6 +146,9 @@ def run_child(args, name: str, size: int, setting: str) -> dict:
     if result["tunables"] != env["GLIBC_TUNABLES"]:
         raise RuntimeError(f"the child ran with GLIBC_TUNABLES={result['tunables']!r}, "
                            f"not {env['GLIBC_TUNABLES']!r}")
+    if result["preloaded"] != (setting == "tcmalloc"):
+        raise RuntimeError(f"the child ran with LD_PRELOAD={env.get('LD_PRELOAD')!r} but the "
+                           f"library was {'' if result['preloaded'] else 'not '}mapped")
     return result
 
 
@@ -134,7 +175,7 @@ def main(argv=None):
         return
     settings = args.settings.split(",")
     for setting in settings:
-        child_environment(setting)               # an unknown or unavailable one fails now
+        child_environment(setting, args.tcmalloc)   # an unknown or unavailable one fails now
     rows = []
     for name in args.models.split(","):
         for size in args.sizes.split(","):
