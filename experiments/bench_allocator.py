@@ -115,7 +115,8 @@ def find_tcmalloc(path: str | None) -> str:
 
 def child_environment(setting: str, tcmalloc: str | None = None) -> dict:
     """This process's environment for ``setting``: GLIBC_TUNABLES asking for huge pages or
-    not, and for tcmalloc the library in LD_PRELOAD."""
+    not, and for tcmalloc the library ``tcmalloc`` (from find_tcmalloc; looked up when
+    None) in LD_PRELOAD."""
     if setting not in SETTINGS:
         raise ValueError(f"--settings: unknown setting {setting!r} (known: {', '.join(SETTINGS)})")
     if setting == "huge_pages" and not host_memory.kernel_offers_huge_pages():
@@ -129,7 +130,7 @@ def child_environment(setting: str, tcmalloc: str | None = None) -> dict:
     env.pop("LD_PRELOAD", None)
     if setting == "tcmalloc":
         # Its report of every allocation over 1 GB would flood stderr.
-        env.update(LD_PRELOAD=find_tcmalloc(tcmalloc),
+        env.update(LD_PRELOAD=tcmalloc or find_tcmalloc(None),
                    TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD=str(2 ** 62))
     return env
 
@@ -174,6 +175,8 @@ def main(argv=None):
         print(json.dumps(child(args)))
         return
     settings = args.settings.split(",")
+    if "tcmalloc" in settings:                  # looked up once, not per child
+        args.tcmalloc = find_tcmalloc(args.tcmalloc)
     for setting in settings:
         child_environment(setting, args.tcmalloc)   # an unknown or unavailable one fails now
     rows = []
