@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from experiments import bench_models
+from experiments import bench_models, torch_reference
 from gl_jax import host_memory
 from gl_jax.models import available_models, layers
 
@@ -197,7 +197,7 @@ def _ratio(torch_s, jax_s):
 
 def main(argv=None):
     args = parse_args(argv)
-    bench_models.steady_allocator()     # as bench_models does: PyTorch's times steady
+    torch_reference.steady_allocator()     # as bench_models does: PyTorch's times steady
     use_torch = args.torch == "on"
     if args.torch == "auto":
         try:

@@ -15,26 +15,28 @@ torchvision for the ResNets) is importable, the same training step of the same b
 (experiments/torch_reference.py: same batch, size, loss, SGD; PyTorch eager, NCHW) is
 timed in the same run, in turns with gl_jax's step (one step of each per round, so both
 meet the same state of a shared machine), and the table adds its images/s and gl_jax /
-PyTorch; torch is
-never a dependency of gl_jax (--torch=off skips it). When an accelerator is present,
-ResNet-50 and BN-Inception at 227 px are added in bfloat16 compute (float32 parameters)
-beside their float32 rows, with the bf16 speed-up.
+PyTorch. PyTorch runs in a child process of its own, one per row, driven over a pipe:
+this process never imports torch, so neither framework's heap or threads are in the
+other's way. torch is never a dependency of gl_jax (--torch=off skips it). When an
+accelerator is present, ResNet-50 and BN-Inception at 227 px are added in bfloat16
+compute (float32 parameters) beside their float32 rows, with the bf16 speed-up.
 
 Parameters are random (He-scaled NumPy draws into a shape-only model) because real
 initialisation compiles one program per parameter shape and would dominate a CPU run;
 speed does not depend on the values. Every speed is the fastest of --steps timed steps
-(after one warm-up; cheap steps are repeated until they add up to --min_seconds). The
-process keeps freed memory in its heap (``steady_allocator``): with glibc's default,
-PyTorch's step time depended on what the process had run before. Timings on a shared CPU
-still vary between runs: compare within one run. Run with PYTHONPATH=. from a worktree,
-or the installed gl_jax is imported.
+(after one warm-up; cheap steps are repeated until they add up to --min_seconds). Both
+processes keep freed memory in their heap (``torch_reference.steady_allocator``): with
+glibc's default, PyTorch's step time depended on what the process had run before.
+Timings on a shared CPU still vary between runs: compare within one run. Run with
+PYTHONPATH=. from a worktree, or the installed gl_jax is imported (in both processes).
 """
 from __future__ import annotations
 
 import argparse
-import ctypes
+import json
 import math
 import os
+import subprocess
 import sys
 import time
 
@@ -46,6 +48,9 @@ from flax import nnx
 from gl_jax import host_memory
 from gl_jax.models import available_models, count_params, create_model
 from gl_jax.models.bninception import final_grid
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch_reference  # noqa: E402  (imports torch only in the twin's own process)
 
 LEARNING_RATE = 0.01
 
@@ -99,62 +104,94 @@ def random_model(name: str, num_classes: int, dtype, seed: int = 0) -> nnx.Modul
     return nnx.merge(graphdef, nnx.from_flat_state(filled))
 
 
+def _timer(call):
+    """A zero-argument function that runs ``call`` once and returns its seconds, until its
+    results are ready."""
+    def timer():
+        start = time.perf_counter()
+        jax.block_until_ready(call())
+        return time.perf_counter() - start
+    return timer
+
+
 def _time(fn, *args, steps: int, min_seconds: float = 0.0,
           max_steps: int = 50) -> tuple[float, float]:
     """(seconds of the first call = compile + one run, seconds of the fastest of the later
     calls: at least `steps` of them, more while they have taken less than `min_seconds`
     in all, up to `max_steps`). The minimum is the least disturbed by other processes on
     a shared CPU, and cheap steps get more tries at an undisturbed one."""
-    return _time_alternating([lambda: fn(*args)], steps=steps, min_seconds=min_seconds,
-                             max_steps=max_steps)[0]
+    return _time_alternating([_timer(lambda: fn(*args))], steps=steps,
+                             min_seconds=min_seconds, max_steps=max_steps)[0]
 
 
-def _time_alternating(calls, *, steps: int, min_seconds: float = 0.0,
+def _time_alternating(timers, *, steps: int, min_seconds: float = 0.0,
                       max_steps: int = 50) -> list[tuple[float, float]]:
-    """``_time`` for several zero-argument calls at once, taking turns: each is called once
-    (compile + run), then rounds of one timed call of each, in order, until there have
-    been `steps` rounds and every call has taken `min_seconds` in all (at most
-    `max_steps` rounds). Returns (first, fastest) per call. Taking turns puts the two
+    """``_time`` for several steps at once, taking turns. Each timer runs its step once and
+    returns the seconds it took (``_timer``, or ``TorchTwin`` from its own process). Each
+    is called once (compile + run), then rounds of one timed call of each, in order, until
+    there have been `steps` rounds and every one has taken `min_seconds` in all (at most
+    `max_steps` rounds). Returns (first, fastest) per timer. Taking turns puts the two
     frameworks' steps side by side in time, so that a shared machine's slower minutes
     fall on both (timed one after the other, minutes apart, the same command's ratios
     moved by up to 1.5x between runs; docs/models.md)."""
-    def timed(call):
-        start = time.perf_counter()
-        jax.block_until_ready(call())
-        return time.perf_counter() - start
-
-    firsts = [timed(call) for call in calls]
-    times = [[] for _ in calls]
+    firsts = [timer() for timer in timers]
+    times = [[] for _ in timers]
     while len(times[0]) < steps or (min(sum(t) for t in times) < min_seconds
                                     and len(times[0]) < max_steps):
-        for call, spent in zip(calls, times):
-            spent.append(timed(call))
+        for timer, spent in zip(timers, times):
+            spent.append(timer())
     return [(first, min(spent)) for first, spent in zip(firsts, times)]
 
 
-# glibc's mallopt parameters (malloc.h): M_TRIM_THRESHOLD and M_MMAP_THRESHOLD.
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+class TorchTwin:
+    """PyTorch's twin of one row's training step, in a child process of its own
+    (``python experiments/torch_reference.py``, same interpreter and environment, so the
+    same allocator settings). Calling it runs one step there and returns its seconds as
+    measured in the child. ``start`` raises ImportError, with the child's message, when
+    torch (or torchvision for the ResNets) is not importable there."""
 
+    def __init__(self, process: subprocess.Popen):
+        self.process = process
 
-def steady_allocator() -> bool:
-    """Keep freed memory in this process's heap (glibc malloc): no mmap for large blocks,
-    no trimming. Returns whether it took effect (False off glibc).
+    @classmethod
+    def start(cls, name: str, num_classes: int, size: int, batch: int,
+              expected_params: int, lr: float) -> "TorchTwin":
+        process = subprocess.Popen(
+            [sys.executable, torch_reference.__file__], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        twin = cls(process)
+        spec = dict(name=name, num_classes=num_classes, size=size, batch=batch,
+                    expected_params=expected_params, lr=lr)
+        reply = twin._ask(json.dumps(spec))
+        if "missing" in reply:
+            twin.close()
+            raise ImportError(f"PyTorch twin of {name}: {reply['missing']}")
+        return twin
 
-    By default glibc serves large blocks with mmap and unmaps them on free, with an
-    adaptive threshold that moves with the process's history; PyTorch eager allocates and
-    frees its activations every step, so it then pays a page fault per fresh page, and its
-    step time depended on what had run before in the process: the small CNN's at 112 px
-    took 730-910 ms in fresh processes and about 350 ms with this setting, ResNet-18's
-    340-360 ms and 330 ms, Lite0's 420-460 ms and 350-360 ms. XLA keeps its own buffers and
-    did not move (2 December, 2 cores). Set once, for the whole benchmark process, before
-    either framework times a step.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)
-                    and libc.mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1))
-    except (OSError, AttributeError):
-        return False
+    def _ask(self, line: str) -> dict:
+        try:
+            self.process.stdin.write(line + "\n")
+            self.process.stdin.flush()
+            answer = self.process.stdout.readline()
+        except BrokenPipeError:
+            answer = ""
+        if not answer:
+            self.process.stdin.close()
+            err = self.process.stderr.read()
+            code = self.process.wait()
+            raise RuntimeError(f"the PyTorch twin process ({torch_reference.__file__}) "
+                               f"exited with status {code}:\n{err[-3000:]}")
+        return json.loads(answer)
+
+    def __call__(self) -> float:
+        return self._ask("step")["seconds"]
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.stdin.close()
+            self.process.wait()
+        self.process.stdout.close()
+        self.process.stderr.close()
 
 
 def supported_size(name: str, size: int) -> int:
@@ -185,11 +222,17 @@ def bench_one(name: str, size: int, dtype, args) -> dict:
         row.update(compile=compile_fwd, fwd=args.batch / fwd)
     if not args.no_backward:
         train_step, params, stats = make_train_step(model)
-        calls = [lambda: train_step(params, stats, images)]
+        timers = [_timer(lambda: train_step(params, stats, images))]
+        twin = None
         if args.torch != "off" and row["dtype"] == "float32":
             twin = torch_step(name, size, args, row["params"])
-            calls += [twin] if twin is not None else []
-        timings = _time_alternating(calls, steps=args.steps, min_seconds=args.min_seconds)
+        try:
+            timers += [twin] if twin is not None else []
+            timings = _time_alternating(timers, steps=args.steps,
+                                        min_seconds=args.min_seconds)
+        finally:
+            if twin is not None:
+                twin.close()
         (compile_bwd, step), torch_timing = timings[0], timings[1:]
         row.update(compile=row["compile"] + compile_bwd, fwd_bwd=args.batch / step)
         if torch_timing:
@@ -218,15 +261,13 @@ def make_train_step(model: nnx.Module):
     return train_step, params, stats
 
 
-def torch_step(name: str, size: int, args, params: int):
-    """A zero-argument function running PyTorch eager's twin of the same training step, or
-    None when torch is missing (an error with --torch=on). ``bench_one`` times it in turns
-    with gl_jax's step."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+def torch_step(name: str, size: int, args, params: int) -> TorchTwin | None:
+    """PyTorch eager's twin of the same training step in its own process (``TorchTwin``),
+    or None when torch is missing (an error with --torch=on). ``bench_one`` times it in
+    turns with gl_jax's step and closes it after the row."""
     try:
-        import torch_reference
-        return torch_reference.make_torch_step(name, args.num_classes, size, args.batch,
-                                               expected_params=params, lr=LEARNING_RATE)
+        return TorchTwin.start(name, args.num_classes, size, args.batch,
+                               expected_params=params, lr=LEARNING_RATE)
     except ImportError:
         if args.torch == "on":
             raise
@@ -261,7 +302,7 @@ def format_table(rows: list[dict]) -> str:
 
 def main(argv=None):
     args = parse_args(argv)
-    steady = steady_allocator()
+    steady = torch_reference.steady_allocator()
     device = jax.devices()[0]
     accelerator = device.platform != "cpu"
     print(f"device: {device.device_kind} ({device.platform}), {jax.device_count()} device(s); "

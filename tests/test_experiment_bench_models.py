@@ -1,5 +1,9 @@
 """experiments/bench_models.py: one real (tiny) run of its table, and the table's columns."""
+import importlib.util
+import os
 import platform
+import subprocess
+import sys
 
 import pytest
 
@@ -38,7 +42,7 @@ def test_a_tiny_run_prints_one_row_per_size(capsys):
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
                     reason="mallopt is glibc's")
 def test_the_steady_allocator_takes_effect_on_glibc(capsys):
-    assert bench_models.steady_allocator() is True
+    assert bench_models.torch_reference.steady_allocator() is True
     bench_models.main(["--models=small_cnn", "--sizes=16", "--batch=2", "--steps=1",
                        "--torch=off"])
     assert "steady allocator: on" in capsys.readouterr().out
@@ -78,24 +82,91 @@ def test_two_steps_are_timed_in_turns_until_both_add_up_to_min_seconds(monkeypat
 
     a = call("a", lambda n: 0.01)
     b = call("b", lambda n: 0.4 if n == 3 else 0.04)
+    timers = [bench_models._timer(a), bench_models._timer(b)]
     (first_a, fast_a), (first_b, fast_b) = bench_models._time_alternating(
-        [a, b], steps=2, min_seconds=0.1)
+        timers, steps=2, min_seconds=0.1)
     # warm-up a, b, then rounds a, b: after 10 rounds a has spent 0.1 s (b long before)
     assert order == ["a", "b"] * 11
     assert fast_a == pytest.approx(0.01) and fast_b == pytest.approx(0.04)
     assert first_b == pytest.approx(0.04)
     order.clear()
-    bench_models._time_alternating([a, b], steps=3, min_seconds=0.0)
+    bench_models._time_alternating(timers, steps=3, min_seconds=0.0)
     assert order == ["a", "b"] * 4
 
 
+class _FakeTwin:
+    """Stands in for TorchTwin: every step "takes" 0.5 s."""
+
+    def __init__(self, size):
+        self.size, self.calls, self.closed = size, 0, False
+
+    def __call__(self):
+        self.calls += 1
+        return 0.5
+
+    def close(self):
+        self.closed = True
+
+
 def test_the_pytorch_twin_is_timed_beside_the_step(monkeypatch, capsys):
-    calls = []
+    twins = []
     monkeypatch.setattr(bench_models, "torch_step",
-                        lambda name, size, args, params: lambda: calls.append(size))
+                        lambda name, size, args, params: twins.append(_FakeTwin(size))
+                        or twins[-1])
     bench_models.main(["--models=small_cnn", "--sizes=16", "--batch=2", "--steps=3",
                        "--min_seconds=0", "--no_forward", "--torch=on"])
-    assert calls == [16] * 4                                 # warm-up + 3 rounds
+    assert [(t.size, t.calls, t.closed) for t in twins] == [(16, 4, True)]  # warm-up + 3
     row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| small")]
     cells = _cells(row[0])
-    assert float(cells[9]) > 0 and cells[10].endswith("x")
+    assert float(cells[9]) == 4.0 and cells[10].endswith("x")      # 2 images / 0.5 s
+
+
+def _shadow_torch(tmp_path, monkeypatch, body):
+    """Child processes import a package ``torch`` made of ``body`` instead of the real one."""
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text(body)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        [str(tmp_path)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+
+
+def test_without_torch_the_twin_is_left_out_or_an_error_with_torch_on(
+        tmp_path, monkeypatch, capsys):
+    _shadow_torch(tmp_path, monkeypatch, 'raise ImportError("no torch in this test")\n')
+    with pytest.raises(ImportError, match="no torch in this test"):
+        bench_models.TorchTwin.start("small_cnn", 10, 16, 2, expected_params=1, lr=0.01)
+    bench_models.main(["--models=small_cnn", "--sizes=16", "--batch=2", "--steps=1",
+                       "--no_forward"])                                   # --torch=auto
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| small")]
+    cells = _cells(row[0])
+    assert float(cells[6]) > 0 and cells[9] == "-" and cells[10] == "-"
+    with pytest.raises(ImportError, match="no torch in this test"):
+        bench_models.main(["--models=small_cnn", "--sizes=16", "--batch=2", "--steps=1",
+                           "--no_forward", "--torch=on"])
+
+
+def test_a_twin_process_that_fails_raises_with_its_message(tmp_path, monkeypatch):
+    # A broken install (like torchvision's compiled ops not matching torch): not an
+    # ImportError, so not "missing": the parent must say what the child printed.
+    _shadow_torch(tmp_path, monkeypatch, 'raise RuntimeError("broken torch build")\n')
+    with pytest.raises(RuntimeError, match=r"(?s)exited with status 1.*broken torch build"):
+        bench_models.TorchTwin.start("small_cnn", 10, 16, 2, expected_params=1, lr=0.01)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch not installed")
+def test_pytorch_runs_in_its_own_process_and_fills_its_column():
+    # A fresh interpreter: the test process may hold torch from other tests.
+    code = ("import sys; from experiments import bench_models; "
+            "bench_models.main(['--models=small_cnn', '--sizes=16', '--batch=2', '--steps=2', "
+            "'--no_forward', '--torch=on']); print('parent imported torch:', 'torch' in "
+            "sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=os.path.dirname(os.path.dirname(__file__))).stdout
+    assert "parent imported torch: False" in out
+    cells = _cells([line for line in out.splitlines() if line.startswith("| small")][0])
+    assert float(cells[9]) > 0 and float(cells[10].rstrip("x")) > 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch not installed")
+def test_a_twin_with_another_parameter_count_is_refused():
+    with pytest.raises(RuntimeError, match="parameters, gl_jax has 1"):
+        bench_models.TorchTwin.start("small_cnn", 10, 16, 2, expected_params=1, lr=0.01)
