@@ -8,7 +8,10 @@ peak resident memory under glibc's default and other settings, in fresh processe
 Settings (each holds for a whole process and must be made before JAX starts its threads):
 - default: glibc's malloc as it comes (``glibc.malloc.hugetlb=0``);
 - huge_pages: ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``, what `gl_jax.host_memory` gives
-  the command lines: transparent huge pages for large blocks;
+  the command lines by default: transparent huge pages for large blocks;
+- reuse: what they get with ``GL_JAX_HOST_MALLOC=reuse``: huge pages, large blocks from
+  the heap and never trimmed (``host_memory.REUSE_TUNABLES``), and JAX's CPU computations
+  on the calling thread (``host_memory.configure_jax``);
 - one_heap: freed memory kept in one heap (GLIBC_TUNABLES ONE_HEAP_TUNABLES: one arena
   for every thread, no mmap, no trimming), the alternative that was not kept: pages are
   reused, but the heap keeps all it ever held and fragments, and peak memory grows;
@@ -37,7 +40,7 @@ import time
 from gl_jax import host_memory
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SETTINGS = ("default", "huge_pages", "one_heap", "tcmalloc")
+SETTINGS = ("default", "huge_pages", "reuse", "one_heap", "tcmalloc")
 # Set when the process starts (mallopt from Python came after the first threads had
 # their own arenas).
 ONE_HEAP_TUNABLES = {"glibc.malloc.arena_max": "1", "glibc.malloc.mmap_max": "0",
@@ -64,6 +67,7 @@ def parse_args(argv=None):
 def child(args) -> dict:
     """One backbone and size in this process: times and faults of its training step."""
     setting = os.environ["BENCH_ALLOCATOR_SETTING"]
+    on_calling_thread = host_memory.configure_jax()     # reuse only, as the trainer does
     import jax
     import jax.numpy as jnp
     from experiments import bench_models
@@ -83,6 +87,7 @@ def child(args) -> dict:
         seconds.append(time.perf_counter() - start)
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     return {"setting": setting, "tunables": os.environ.get("GLIBC_TUNABLES", ""),
+            "on_calling_thread": on_calling_thread,
             "preloaded": _mapped(os.environ.get("LD_PRELOAD")),
             "size": size, "fastest": min(seconds),
             "median": statistics.median(seconds), "faults": statistics.median(faults),
@@ -119,15 +124,23 @@ def child_environment(setting: str, tcmalloc: str | None = None) -> dict:
     None) in LD_PRELOAD."""
     if setting not in SETTINGS:
         raise ValueError(f"--settings: unknown setting {setting!r} (known: {', '.join(SETTINGS)})")
-    if setting == "huge_pages" and not host_memory.kernel_offers_huge_pages():
-        raise ValueError(f"huge_pages: this kernel offers no transparent huge pages "
+    if setting in ("huge_pages", "reuse") and not host_memory.kernel_offers_huge_pages():
+        raise ValueError(f"{setting}: this kernel offers no transparent huge pages "
                          f"({host_memory.THP_ENABLED})")
-    tunables = host_memory.with_hugetlb(os.environ.get("GLIBC_TUNABLES", ""),
-                                        int(setting == "huge_pages"))
+    # An inherited reuse setting (from a restarted gl_jax process) would leak into others.
+    inherited = [t for t in os.environ.get("GLIBC_TUNABLES", "").split(":")
+                 if t.split("=", 1)[0] not in host_memory.REUSE_TUNABLES]
+    tunables = host_memory.with_hugetlb(":".join(inherited),
+                                        int(setting in ("huge_pages", "reuse")))
+    if setting == "reuse":
+        tunables = host_memory.with_tunables(tunables, host_memory.REUSE_TUNABLES)
     if setting == "one_heap":
         tunables = host_memory.with_tunables(tunables, ONE_HEAP_TUNABLES)
     env = dict(os.environ, BENCH_ALLOCATOR_SETTING=setting, GLIBC_TUNABLES=tunables)
     env.pop("LD_PRELOAD", None)
+    env.pop(host_memory.ENV, None)
+    if setting == "reuse":
+        env[host_memory.ENV] = "reuse"
     if setting == "tcmalloc":
         # Its report of every allocation over 1 GB would flood stderr.
         env.update(LD_PRELOAD=tcmalloc or find_tcmalloc(None),
@@ -147,6 +160,10 @@ def run_child(args, name: str, size: int, setting: str) -> dict:
     if result["tunables"] != env["GLIBC_TUNABLES"]:
         raise RuntimeError(f"the child ran with GLIBC_TUNABLES={result['tunables']!r}, "
                            f"not {env['GLIBC_TUNABLES']!r}")
+    if result["on_calling_thread"] != (setting == "reuse"):
+        raise RuntimeError(f"the child ran JAX's CPU computations "
+                           f"{'on' if result['on_calling_thread'] else 'off'} the calling thread "
+                           f"under {setting}")
     if result["preloaded"] != (setting == "tcmalloc"):
         raise RuntimeError(f"the child ran with LD_PRELOAD={env.get('LD_PRELOAD')!r} but the "
                            f"library was {'' if result['preloaded'] else 'not '}mapped")

@@ -245,5 +245,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    host_memory.restart_with_huge_pages()    # as `python -m gl_jax.main` runs
+    host_memory.restart_with_tuned_malloc()    # as `python -m gl_jax.main` runs
     main()

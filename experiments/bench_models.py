@@ -24,9 +24,14 @@ compute (float32 parameters) beside their float32 rows, with the bf16 speed-up.
 Parameters are random (He-scaled NumPy draws into a shape-only model) because real
 initialisation compiles one program per parameter shape and would dominate a CPU run;
 speed does not depend on the values. Every speed is the fastest of --steps timed steps
-(after one warm-up; cheap steps are repeated until they add up to --min_seconds). Both
-processes keep freed memory in their heap (``torch_reference.steady_allocator``): with
-glibc's default, PyTorch's step time depended on what the process had run before.
+(after one warm-up; cheap steps are repeated until they add up to --min_seconds).
+PyTorch's process keeps freed memory in its heap (``torch_reference.steady_allocator``):
+with glibc's default, PyTorch's step time depended on what the process had run before.
+gl_jax's process runs as the trainer does (``gl_jax.host_memory``: huge pages, or heap
+reuse with ``GL_JAX_HOST_MALLOC=reuse``) and calls no mallopt: one would override the
+reuse tunables' trim threshold (mallopt takes at most 2 GiB), and ResNet-50's 4.5 GB step
+buffer at 227 px went back to the kernel after every step (0.70x PyTorch instead of
+about 1.0x).
 Timings on a shared CPU still vary between runs: compare within one run. Run with
 PYTHONPATH=. from a worktree, or the installed gl_jax is imported (in both processes).
 """
@@ -302,13 +307,12 @@ def format_table(rows: list[dict]) -> str:
 
 def main(argv=None):
     args = parse_args(argv)
-    steady = torch_reference.steady_allocator()
     device = jax.devices()[0]
     accelerator = device.platform != "cpu"
     print(f"device: {device.device_kind} ({device.platform}), {jax.device_count()} device(s); "
-          f"batch {args.batch}, {args.steps} timed step(s); steady allocator: "
-          f"{'on' if steady else 'off (not glibc)'}; huge pages: "
-          f"{'on' if host_memory.huge_pages_asked() else 'off'}", flush=True)
+          f"batch {args.batch}, {args.steps} timed step(s); gl_jax's huge pages: "
+          f"{'on' if host_memory.huge_pages_asked() else 'off'}; heap reuse: "
+          f"{'on' if host_memory.reuse_asked() else 'off'}", flush=True)
     jobs = [(name, supported_size(name, int(size)), jnp.float32) for name in args.models.split(",")
             for size in args.sizes.split(",")]
     if args.bf16 == "on" or (args.bf16 == "auto" and accelerator):
@@ -329,5 +333,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    host_memory.restart_with_huge_pages()    # as `python -m gl_jax.main` runs
+    host_memory.restart_with_tuned_malloc()    # as `python -m gl_jax.main` runs
     main()

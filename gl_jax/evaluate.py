@@ -14,8 +14,8 @@ from gl_jax import host_memory
 
 if __name__ == "__main__":
     # First, before JAX and the data libraries load (the restart repeats what ran before):
-    # XLA:CPU's step buffers on huge pages, see gl_jax/host_memory.py.
-    host_memory.restart_with_huge_pages()
+    # XLA:CPU's step buffers kept in the heap, see gl_jax/host_memory.py.
+    host_memory.restart_with_tuned_malloc()
 
 from absl import app
 from absl import flags

@@ -1,21 +1,39 @@
-"""Huge pages for large host buffers: the command lines restart themselves once with glibc's
-``glibc.malloc.hugetlb=1`` tunable when the kernel offers transparent huge pages.
+"""Host memory for XLA:CPU's step buffers: the command lines restart themselves once with
+glibc tunables that stop every training step from paying for fresh pages.
 
 XLA:CPU allocates the intermediates of a jitted step as host buffers and frees them after
-the step. glibc maps such large blocks fresh and unmaps them on free, so every step pays
-one page fault per 4 KiB page: EfficientNet-Lite0's training step at 112 px, batch 32,
-took about 200,000 faults (800 MB of fresh pages) per step. With the tunable, glibc asks
-for transparent huge pages on those mappings (2 MiB pages, 512 times fewer faults), for
-the same resident memory. `experiments/bench_allocator.py` measures it; docs/models.md
-has the table.
+the step. glibc maps such large blocks fresh and unmaps them on free, so every step's
+buffers are new pages the kernel must fault in and zero: EfficientNet-Lite0's training
+step at 112 px, batch 32, took about 200,000 faults (800 MB of fresh pages) per step,
+ResNet-50's at 227 px about 4.5 GB. ``GL_JAX_HOST_MALLOC`` chooses what to do about it:
+
+- ``huge_pages`` (the default): only ``glibc.malloc.hugetlb=1``: glibc asks for
+  transparent huge pages on those mappings (2 MiB pages, 512 times fewer faults); the
+  kernel still zeroes every fresh page, and resident memory does not grow.
+- ``reuse``: glibc serves large blocks from its heap instead of fresh
+  mappings and never gives freed memory back (``glibc.malloc.mmap_max=0``,
+  ``glibc.malloc.trim_threshold`` = 1 TiB), and JAX runs CPU computations on the calling
+  thread (``jax_cpu_enable_async_dispatch`` off; ``configure_jax``): the step buffer is
+  then allocated by the main thread, whose heap can hold it (glibc's other threads' heaps
+  cannot hold blocks over 64 MiB and map them fresh regardless), so the next step reuses
+  the same pages. Huge pages as below are asked for too. The price: the heap keeps the
+  most it ever held, and alternating programs (training and evaluation) can leave it
+  fragmented, so peak resident memory can be up to about twice that of ``huge_pages``;
+  and with the computations on the calling thread the trainer's own work between steps
+  no longer overlaps them (Lite0 at 112 px: end to end 1.18x the bare step against 0.95x
+  with ``huge_pages``). Worth it for large inputs (ResNet-50 at 227 px: steps 1.20x
+  faster), hence not the default.
+- ``default``: glibc and JAX as they come.
+
+`experiments/bench_allocator.py` measures the settings; docs/models.md has the tables.
 
 glibc reads its tunables only when a process starts, hence the restart: ``python -m
-gl_jax.main`` calls ``restart_with_huge_pages()`` before its imports and is replaced by the
-same command with ``GLIBC_TUNABLES`` extended (same process id, so launchers and
-schedulers do not notice). Nothing happens off glibc, when the kernel's transparent huge
-pages are ``never``, when ``GLIBC_TUNABLES`` already sets the tunable (0 keeps glibc's
-default), or when ``GL_JAX_HOST_MALLOC=default``. The restarted process carries
-``GL_JAX_HOST_MALLOC_RESTARTED=1`` and never restarts again.
+gl_jax.main`` calls ``restart_with_tuned_malloc()`` before its imports and is replaced by
+the same command with ``GLIBC_TUNABLES`` extended (same process id, so launchers and
+schedulers do not notice). Nothing happens off glibc, when ``GLIBC_TUNABLES`` already sets
+one of these tunables (the user's own choice), or with ``GL_JAX_HOST_MALLOC=default``;
+huge pages are left out when the kernel's transparent huge pages are ``never``. The
+restarted process carries ``GL_JAX_HOST_MALLOC_RESTARTED=1`` and never restarts again.
 """
 from __future__ import annotations
 
@@ -23,7 +41,10 @@ import os
 import sys
 
 TUNABLE = "glibc.malloc.hugetlb"
+# Large blocks from the heap (never a fresh mapping), and freed memory never trimmed.
+REUSE_TUNABLES = {"glibc.malloc.mmap_max": 0, "glibc.malloc.trim_threshold": 2 ** 40}
 ENV = "GL_JAX_HOST_MALLOC"
+MODES = ("huge_pages", "reuse", "default")
 # Set in the restarted process's environment: a second restart never happens, even where
 # the environment comes back without GLIBC_TUNABLES (glibc drops it in secure mode).
 RESTARTED = "GL_JAX_HOST_MALLOC_RESTARTED"
@@ -46,14 +67,31 @@ def kernel_offers_huge_pages() -> bool:
     return "[always]" in mode or "[madvise]" in mode
 
 
-def environment_with_huge_pages(environ) -> dict | None:
-    """``environ`` plus ``glibc.malloc.hugetlb=1`` in GLIBC_TUNABLES, or None when nothing
-    should change (see the module docstring)."""
+def mode(environ=None) -> str:
+    """The ``GL_JAX_HOST_MALLOC`` setting (``huge_pages`` when unset); a ValueError names
+    an unknown value."""
+    value = (os.environ if environ is None else environ).get(ENV, "").strip().lower()
+    if value and value not in MODES:
+        raise ValueError(f"{ENV}={value!r}: expected one of {', '.join(MODES)}")
+    return value or MODES[0]
+
+
+def tuned_environment(environ) -> dict | None:
+    """``environ`` with the tunables of its ``GL_JAX_HOST_MALLOC`` mode added to
+    GLIBC_TUNABLES, or None when nothing should change (see the module docstring)."""
+    chosen = mode(environ)
     tunables = environ.get("GLIBC_TUNABLES", "")
-    if (environ.get(ENV, "").strip().lower() == "default" or TUNABLE in tunables
-            or RESTARTED in environ or not _glibc() or not kernel_offers_huge_pages()):
+    ours = [TUNABLE, *REUSE_TUNABLES]
+    if (chosen == "default" or RESTARTED in environ or not _glibc()
+            or any(name in tunables for name in ours)):
         return None
-    return dict(environ, **{RESTARTED: "1", "GLIBC_TUNABLES": with_hugetlb(tunables, 1)})
+    settings = {TUNABLE: 1} if kernel_offers_huge_pages() else {}
+    if chosen == "reuse":
+        settings.update(REUSE_TUNABLES)
+    if not settings:
+        return None
+    return dict(environ, **{RESTARTED: "1",
+                            "GLIBC_TUNABLES": with_tunables(tunables, settings)})
 
 
 def with_hugetlb(tunables: str, value: int) -> str:
@@ -69,20 +107,45 @@ def with_tunables(tunables: str, settings: dict) -> str:
     return ":".join(kept + [f"{name}={value}" for name, value in settings.items()])
 
 
+def _last_setting(name: str, environ) -> str | None:
+    """The value this process's GLIBC_TUNABLES give ``name`` last (glibc reads them in
+    order), or None."""
+    tunables = (os.environ if environ is None else environ).get("GLIBC_TUNABLES", "")
+    values = [t.split("=", 1)[1] for t in tunables.split(":") if t.startswith(name + "=")]
+    return values[-1].strip() if values else None
+
+
 def huge_pages_asked(environ=None) -> bool:
     """Whether this process's GLIBC_TUNABLES ask glibc for huge pages (1, or 2 for the
     kernel's hugetlbfs pool)."""
-    tunables = (os.environ if environ is None else environ).get("GLIBC_TUNABLES", "")
-    values = [t.split("=", 1)[-1] for t in tunables.split(":") if t.startswith(TUNABLE + "=")]
-    return bool(values) and values[-1].strip() in ("1", "2")
+    return _last_setting(TUNABLE, environ) in ("1", "2")
 
 
-def restart_with_huge_pages() -> None:
-    """Replace this process by the same command line with huge pages asked for, if they
-    are not yet (returns without doing anything otherwise). Call it first thing in a
-    program's ``__main__``: the restart repeats whatever ran before it."""
-    env = environment_with_huge_pages(os.environ)
+def reuse_asked(environ=None) -> bool:
+    """Whether this process's GLIBC_TUNABLES keep large blocks in the heap
+    (``glibc.malloc.mmap_max=0``)."""
+    return _last_setting("glibc.malloc.mmap_max", environ) == "0"
+
+
+def configure_jax() -> bool:
+    """Under ``reuse`` (the mode, with its tunables in effect), run JAX's CPU computations on
+    the calling thread, so that the main thread allocates their buffers from the heap that
+    keeps them. Must come before JAX
+    starts its CPU backend (the flag is read then). Returns whether it did."""
+    if mode() != "reuse" or not reuse_asked():
+        return False
+    import jax
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
+    return True
+
+
+def restart_with_tuned_malloc() -> None:
+    """Replace this process by the same command line with the tunables of
+    ``GL_JAX_HOST_MALLOC`` (if they are not set yet), then ``configure_jax``. Call it first
+    thing in a program's ``__main__``: the restart repeats whatever ran before it."""
+    env = tuned_environment(os.environ)
     if env is not None:
         sys.stdout.flush()
         sys.stderr.flush()
         os.execve(sys.executable, sys.orig_argv, env)
+    configure_jax()

@@ -21,16 +21,28 @@ def test_the_child_environment_sets_the_tunable_once(monkeypatch):
 @pytest.mark.skipif(not (host_memory._glibc() and host_memory.kernel_offers_huge_pages()),
                     reason="needs glibc and transparent huge pages")
 def test_a_tiny_run_in_child_processes(capsys):
+    # The child checks that its tunables and JAX's dispatch are what each setting asks for.
     bench_allocator.main(["--models=small_cnn", "--sizes=16", "--batch=2", "--steps=1",
-                          "--settings=default,huge_pages"])
+                          "--settings=default,huge_pages,reuse"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| small")]
     assert len(rows) == 1
     cells = [c.strip() for c in rows[0].strip().strip("|").split("|")]
-    assert cells[1] == "16" and len(cells) == 2 + 3 * 2 + 1
-    for fastest_median, faults, peak in (cells[2:5], cells[5:8]):
+    assert cells[1] == "16" and len(cells) == 2 + 3 * 3 + 2
+    for fastest_median, faults, peak in (cells[2:5], cells[5:8], cells[8:11]):
         fastest, median = (float(x) for x in fastest_median.split(" / "))
         assert 0 <= fastest <= median and int(faults) >= 0 and float(peak) > 50
-    assert cells[-1].endswith("x") and float(cells[-1][:-1]) > 0
+    assert all(c.endswith("x") and float(c[:-1]) > 0 for c in cells[-2:])
+
+
+def test_reuse_sets_the_trainers_tunables_and_other_settings_drop_them(monkeypatch):
+    monkeypatch.setattr(host_memory, "kernel_offers_huge_pages", lambda: True)
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_max=0:glibc.malloc.tcache_count=0")
+    tunables = bench_allocator.child_environment("reuse")["GLIBC_TUNABLES"].split(":")
+    assert tunables == ["glibc.malloc.tcache_count=0", "glibc.malloc.hugetlb=1",
+                        "glibc.malloc.mmap_max=0", f"glibc.malloc.trim_threshold={2 ** 40}"]
+    assert host_memory.reuse_asked({"GLIBC_TUNABLES": ":".join(tunables)})
+    tunables = bench_allocator.child_environment("huge_pages")["GLIBC_TUNABLES"]
+    assert tunables == "glibc.malloc.tcache_count=0:glibc.malloc.hugetlb=1"
 
 
 def test_one_heap_sets_its_tunables_from_the_process_start(monkeypatch):

@@ -1,5 +1,6 @@
-"""gl_jax.host_memory: the command lines restart once with glibc's hugetlb tunable, after
-which a jitted call's large buffers stop costing a page fault per 4 KiB page."""
+"""gl_jax.host_memory: the command lines restart once with glibc's tunables (huge pages, and
+large blocks kept in the heap), after which a jitted call's large buffers stop costing a
+page fault per 4 KiB page."""
 import os
 import platform
 import subprocess
@@ -37,32 +38,46 @@ def huge_pages_offered(tmp_path, monkeypatch):
     return thp
 
 
-def test_the_tunable_is_added_to_the_environment(huge_pages_offered):
-    env = host_memory.environment_with_huge_pages({"HOME": "/h"})
+REUSE = f"glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold={2 ** 40}"
+
+
+def test_the_tunables_are_added_to_the_environment(huge_pages_offered):
+    env = host_memory.tuned_environment({"HOME": "/h"})
     assert env == {"HOME": "/h", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1",
                    host_memory.RESTARTED: "1"}
-    env = host_memory.environment_with_huge_pages({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
-    assert env == {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1",
-                   host_memory.RESTARTED: "1"}
+    env = host_memory.tuned_environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2",
+                                         host_memory.ENV: " Reuse"})
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1:" + REUSE
+    env = host_memory.tuned_environment({host_memory.ENV: "huge_pages"})
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+
+
+def test_an_unknown_mode_is_an_error_naming_it(huge_pages_offered):
+    with pytest.raises(ValueError, match="GL_JAX_HOST_MALLOC='hugepages': expected one of "
+                                         "huge_pages, reuse, default"):
+        host_memory.tuned_environment({host_memory.ENV: "hugepages"})
 
 
 @pytest.mark.parametrize("environ", [
     {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},              # the restarted process
-    {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"},              # the user's own choice
+    {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"},              # the user's own choices
+    {"GLIBC_TUNABLES": "glibc.malloc.mmap_max=65536"},
+    {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0"},
     {host_memory.ENV: "Default"},                              # opted out
     {host_memory.RESTARTED: "1"},                              # tunables dropped on the way
 ])
 def test_nothing_changes_when_set_already_or_opted_out(huge_pages_offered, environ):
-    assert host_memory.environment_with_huge_pages(environ) is None
+    assert host_memory.tuned_environment(environ) is None
 
 
-@pytest.mark.parametrize("mode", ["always madvise [never]\n", None])
-def test_nothing_changes_without_the_kernels_huge_pages(huge_pages_offered, mode):
-    if mode is None:
+@pytest.mark.parametrize("thp", ["always madvise [never]\n", None])
+def test_without_the_kernels_huge_pages_only_reuse_is_set(huge_pages_offered, thp):
+    if thp is None:
         huge_pages_offered.unlink()
     else:
-        huge_pages_offered.write_text(mode)
-    assert host_memory.environment_with_huge_pages({}) is None
+        huge_pages_offered.write_text(thp)
+    assert host_memory.tuned_environment({host_memory.ENV: "reuse"})["GLIBC_TUNABLES"] == REUSE
+    assert host_memory.tuned_environment({}) is None
 
 
 def test_nothing_changes_off_glibc(monkeypatch, tmp_path):
@@ -73,7 +88,7 @@ def test_nothing_changes_off_glibc(monkeypatch, tmp_path):
     def not_glibc(name):
         raise ValueError(f"unrecognized configuration name {name}")
     monkeypatch.setattr(host_memory.os, "confstr", not_glibc)
-    assert host_memory.environment_with_huge_pages({}) is None
+    assert host_memory.tuned_environment({}) is None
 
 
 @pytest.mark.parametrize("tunables, asked", [
@@ -85,18 +100,44 @@ def test_huge_pages_asked_reads_the_last_setting(tunables, asked):
     assert host_memory.huge_pages_asked({"GLIBC_TUNABLES": tunables}) is asked
 
 
+@pytest.mark.parametrize("tunables, asked", [
+    ("", False), (REUSE, True), ("glibc.malloc.mmap_max=0:glibc.malloc.mmap_max=8", False),
+    ("glibc.malloc.mmap_max=00", False), ("glibc.malloc.hugetlb=1", False),
+])
+def test_reuse_asked_reads_the_last_setting(tunables, asked):
+    assert host_memory.reuse_asked({"GLIBC_TUNABLES": tunables}) is asked
+
+
+def test_jax_is_configured_only_under_reuse(monkeypatch):
+    # Not run here (JAX's backend may have started); whether configure_jax would act.
+    calls = []
+    monkeypatch.setattr(host_memory, "reuse_asked", lambda environ=None: True)
+    monkeypatch.setitem(sys.modules, "jax", type(sys)("jax"))
+    sys.modules["jax"].config = type("C", (), {"update": lambda *a: calls.append(a[-2:])})()
+    for chosen in ("default", "huge_pages"):
+        monkeypatch.setenv(host_memory.ENV, chosen)
+        assert host_memory.configure_jax() is False and calls == []
+    monkeypatch.setenv(host_memory.ENV, "reuse")
+    assert host_memory.configure_jax() is True
+    assert calls == [("jax_cpu_enable_async_dispatch", False)]
+
+
 @pytest.mark.skipif(not GLIBC, reason="a glibc tunable")
 def test_the_restart_happens_once_with_the_same_command_line(tmp_path):
     code = ("import os, sys; from gl_jax import host_memory; "
-            "host_memory.THP_ENABLED = sys.argv[1]; host_memory.restart_with_huge_pages(); "
-            "print(os.getpid(), os.environ['GLIBC_TUNABLES'], sys.argv[2])")
+            "host_memory.THP_ENABLED = sys.argv[1]; host_memory.restart_with_tuned_malloc(); "
+            "from jax._src import xla_bridge; "
+            "print(os.getpid(), os.environ['GLIBC_TUNABLES'], sys.argv[2], "
+            "xla_bridge._CPU_ENABLE_ASYNC_DISPATCH.value)")
     thp = tmp_path / "enabled"
     thp.write_text("always [madvise] never\n")
     done = subprocess.run([sys.executable, "-c", code, str(thp), "an argument"],
                           capture_output=True, text=True, check=True,
-                          env=_child_env(GLIBC_TUNABLES=""))
+                          env=_child_env(GLIBC_TUNABLES="", GL_JAX_HOST_MALLOC="reuse"))
     lines = done.stdout.splitlines()
-    assert len(lines) == 1 and lines[0].endswith(" glibc.malloc.hugetlb=1 an argument")
+    # One line: the restarted process's, with JAX's CPU computations on the calling thread.
+    assert len(lines) == 1
+    assert lines[0].endswith(f" glibc.malloc.hugetlb=1:{REUSE} an argument False")
 
 
 @pytest.mark.skipif(not GLIBC, reason="a glibc tunable")
@@ -129,32 +170,48 @@ print("no restart")
                                    str(loads_jax_first), "False"]
 
 
-# A child process (the tunable is read at start): the minor page faults of the third call
-# of a jitted function with a 64 MiB output.
+# A child process (the tunables are read at start): the minor page faults of each of 100
+# calls of a jitted function with a 64 MiB output, JAX configured as the command lines do.
 _FAULTS = """
 import resource
+from gl_jax import host_memory
+host_memory.configure_jax()
 import jax, jax.numpy as jnp
 double = jax.jit(lambda x: x * 2.0)
 x = jnp.ones((16, 1024, 1024), jnp.float32)
-for _ in range(2):
+for _ in range(100):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     y = double(x).block_until_ready()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-y = double(x).block_until_ready()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
+
+
+def _faults(env) -> list[int]:
+    done = subprocess.run([sys.executable, "-c", _FAULTS], env=env, capture_output=True,
+                          text=True, check=True)
+    return [int(line) for line in done.stdout.split()]
 
 
 @pytest.mark.skipif(not GLIBC or "[never]" in _thp_mode() or not _thp_mode(),
                     reason="needs glibc and the kernel's transparent huge pages")
 def test_huge_pages_remove_the_page_faults_of_a_repeated_jitted_call():
-    def faults(env):
-        done = subprocess.run([sys.executable, "-c", _FAULTS], env=env, capture_output=True,
-                              text=True, check=True)
-        return int(done.stdout)
     default = _child_env(GLIBC_TUNABLES="glibc.malloc.hugetlb=0")
     if "[madvise]" in _thp_mode():
         # 64 MiB of fresh 4 KiB pages: 16,384 faults (huge pages only where asked for).
-        assert faults(default) > 15000
-    huge = host_memory.environment_with_huge_pages(_child_env(GLIBC_TUNABLES=""))
+        assert min(_faults(default)[2:]) > 15000
+    huge = host_memory.tuned_environment(_child_env(GLIBC_TUNABLES=""))
     assert huge["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
-    assert faults(huge) < 1000
+    assert max(_faults(huge)[2:]) < 1000
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc tunables")
+def test_reuse_alone_stops_most_page_faults_of_a_repeated_jitted_call():
+    # Without huge pages, so that only pages used again avoid the 16,384 faults. The heap
+    # grows during the first calls, and now and then later (small allocations land in the
+    # holes the large blocks leave: 6-7 of 300 calls faulted on this machine), then holds
+    # the pattern; by default every call maps fresh pages.
+    faults = _faults(_child_env(GLIBC_TUNABLES="glibc.malloc.hugetlb=0:" + REUSE,
+                                GL_JAX_HOST_MALLOC="reuse"))
+    assert sum(f > 8000 for f in faults) <= 20, faults
+    if "[madvise]" in _thp_mode() or "[never]" in _thp_mode():
+        assert min(_faults(_child_env(GLIBC_TUNABLES="glibc.malloc.hugetlb=0"))[2:]) > 15000
