@@ -1,7 +1,8 @@
 """PyTorch twins of every gl_jax backbone, for side-by-side speed benchmarks only.
 
-torch (and torchvision for the ResNets) are never dependencies of gl_jax: this module is
-imported by experiments/bench_models.py only when they are importable. Each twin computes
+torch (and torchvision for the ResNets) are never dependencies of gl_jax: this module
+imports them only inside its functions, which bench_models calls in a child process (see
+the end of this docstring). Each twin computes
 the same function as ``gl_jax.models.create_model(name, num_classes=n)`` in training mode
 (backbone -> global average pool -> Linear(C, n)), in PyTorch's NCHW layout, with the
 same parameter count (``torch_model`` checks it):
