@@ -43,6 +43,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -155,16 +156,18 @@ class TorchTwin:
     measured in the child. ``start`` raises ImportError, with the child's message, when
     torch (or torchvision for the ResNets) is not importable there."""
 
-    def __init__(self, process: subprocess.Popen):
-        self.process = process
+    def __init__(self, process: subprocess.Popen, errors):
+        self.process, self.errors = process, errors
 
     @classmethod
     def start(cls, name: str, num_classes: int, size: int, batch: int,
               expected_params: int, lr: float) -> "TorchTwin":
+        # stderr to a file, not a pipe: a chatty child could fill a pipe and block.
+        errors = tempfile.TemporaryFile(mode="w+")
         process = subprocess.Popen(
             [sys.executable, torch_reference.__file__], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        twin = cls(process)
+            stdout=subprocess.PIPE, stderr=errors, text=True)
+        twin = cls(process, errors)
         spec = dict(name=name, num_classes=num_classes, size=size, batch=batch,
                     expected_params=expected_params, lr=lr)
         reply = twin._ask(json.dumps(spec))
@@ -182,8 +185,9 @@ class TorchTwin:
             answer = ""
         if not answer:
             self.process.stdin.close()
-            err = self.process.stderr.read()
             code = self.process.wait()
+            self.errors.seek(0)
+            err = self.errors.read()
             raise RuntimeError(f"the PyTorch twin process ({torch_reference.__file__}) "
                                f"exited with status {code}:\n{err[-3000:]}")
         return json.loads(answer)
@@ -196,7 +200,7 @@ class TorchTwin:
             self.process.stdin.close()
             self.process.wait()
         self.process.stdout.close()
-        self.process.stderr.close()
+        self.errors.close()
 
 
 def supported_size(name: str, size: int) -> int:

@@ -167,3 +167,11 @@ def test_pytorch_runs_in_its_own_process_and_fills_its_column():
 def test_a_twin_with_another_parameter_count_is_refused():
     with pytest.raises(RuntimeError, match="parameters, gl_jax has 1"):
         bench_models.TorchTwin.start("small_cnn", 10, 16, 2, expected_params=1, lr=0.01)
+
+
+def test_a_twin_that_writes_much_to_stderr_does_not_block(tmp_path, monkeypatch):
+    # 200 kB, more than a pipe holds, before the child answers.
+    _shadow_torch(tmp_path, monkeypatch,
+                  'import sys\nsys.stderr.write("x" * 200000)\nraise ImportError("chatty")\n')
+    with pytest.raises(ImportError, match="chatty"):
+        bench_models.TorchTwin.start("small_cnn", 10, 16, 2, expected_params=1, lr=0.01)
