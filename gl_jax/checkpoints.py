@@ -139,6 +139,17 @@ def _verified_steps(manager: ocp.CheckpointManager, failures: list | None = None
             failures.append((step, problem))
 
 
+class _IteratorState:
+    """A data iterator's state as grain's checkpoint handler writes it for iterators that
+    are not its own DatasetIterator: JSON bytes (read back as a DatasetIterator's dict)."""
+
+    def __init__(self, state):
+        self._state = state if isinstance(state, bytes) else json.dumps(state, indent=4).encode()
+
+    def get_state(self) -> bytes:
+        return self._state
+
+
 class Checkpoints:
     """Latest checkpoints (state + data iterator + bookkeeping) and the best one."""
 
@@ -154,12 +165,14 @@ class Checkpoints:
             write_manifest(os.path.join(str(manager.directory), str(step)))
 
     def save(self, state, iterator, meta: dict) -> None:
+        """`iterator`: anything with grain's `get_state()` (a grain iterator, a
+        gl_jax.feed.BatchFeed); `restore_iterator` puts a grain iterator back there."""
         step = int(meta["step"])
         if step in self.latest.all_steps():
             return
         self.latest.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            data=grain.checkpoint.CheckpointSave(iterator),
+            data=grain.checkpoint.CheckpointSave(_IteratorState(iterator.get_state())),
             meta=ocp.args.JsonSave(meta)))
         self._finish(self.latest, step)
         _crash_point(step)

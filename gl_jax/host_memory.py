@@ -18,11 +18,11 @@ ResNet-50's at 227 px about 4.5 GB. ``GL_JAX_HOST_MALLOC`` chooses what to do ab
   cannot hold blocks over 64 MiB and map them fresh regardless), so the next step reuses
   the same pages. Huge pages as below are asked for too. The price: the heap keeps the
   most it ever held, and alternating programs (training and evaluation) can leave it
-  fragmented, so peak resident memory can be up to about twice that of ``huge_pages``;
-  and with the computations on the calling thread the trainer's own work between steps
-  no longer overlaps them (Lite0 at 112 px: end to end 1.18x the bare step against 0.95x
-  with ``huge_pages``). Worth it for large inputs (ResNet-50 at 227 px: steps 1.20x
-  faster), hence not the default.
+  fragmented, so peak resident memory can be up to about twice that of ``huge_pages``.
+  (With the computations on the calling thread the trainer's own work between steps
+  would no longer overlap them; gl_jax.feed reads the next batch in a thread for that.)
+  Worth it for large inputs (ResNet-50 at 227 px: steps 1.20x faster), hence not the
+  default.
 - ``default``: glibc and JAX as they come.
 
 `experiments/bench_allocator.py` measures the settings; docs/models.md has the tables.

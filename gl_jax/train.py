@@ -44,6 +44,7 @@ import tqdm
 
 from gl_jax import checkpoints as ckpt
 from gl_jax import data as gdata
+from gl_jax.feed import BatchFeed
 from gl_jax import metric_writers
 from gl_jax import models
 from gl_jax import protocol
@@ -116,8 +117,8 @@ def make_optimizer(learning_rate, *, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-
 @dataclasses.dataclass(frozen=True)
 class LossSpec:
     """Static description of the training objective of one stage."""
-    name: str | None = None     # None: cross-entropy only (the warm-up stage); else a
-                                # gl_jax.losses.registry name
+    # None: cross-entropy only (the warm-up stage); else a gl_jax.losses.registry name
+    name: str | None = None
     hparams: tuple = ()         # sorted (key, value) pairs of registry.hparams_from_config
     seed: int = 0
 
@@ -655,13 +656,22 @@ def _run_stage(run: Run, stage: Stage, state, iterator):
     """Trains one stage, from its start or, given the restored `iterator`, from inside it.
 
     Returns (state, stopped_early)."""
-    config, checkpoints, meta = run.config, run.checkpoints, run.meta
-    is_main = jax.process_index() == 0
     # A new stage starts a fresh optimizer on the current parameters.
     if iterator is None:
         state = TrainState(step=state.step, params=state.params, model_state=state.model_state,
                            opt_state=stage.tx.init(state.params))
         iterator = run.make_iterator(stage)
+    feed = BatchFeed(iterator, run.data_sharding)
+    try:
+        return _train_stage(run, stage, state, feed)
+    finally:
+        feed.close()
+
+
+def _train_stage(run: Run, stage: Stage, state, feed: BatchFeed):
+    """The step loop of `_run_stage`, its batches from `feed`."""
+    config, checkpoints, meta = run.config, run.checkpoints, run.meta
+    is_main = jax.process_index() == 0
     stage_shardings = run.shardings(state)
     state = jax.device_put(state, stage_shardings)
     step_fn = jax.jit(functools.partial(train_step, run.graphdef, stage.tx, stage.spec,
@@ -677,7 +687,7 @@ def _run_stage(run: Run, stage: Stage, state, iterator):
     def save():
         log.flush()
         meta["step"] = step
-        checkpoints.save(state, iterator, meta)
+        checkpoints.save(state, feed, meta)
         log.last_good = step
 
     while step < stage.last_step:
@@ -691,8 +701,7 @@ def _run_stage(run: Run, stage: Stage, state, iterator):
                         disable=not (config.logging.progress and is_main), unit="step")
         in_flight = None
         while step < epoch_end:
-            batch = next(iterator)
-            state, metrics = step_fn(state, runtime.to_global(batch, run.data_sharding))
+            state, metrics = step_fn(state, next(feed))
             step += 1
             run.preemption.dispatched = step
             log.add(step, metrics)
@@ -712,21 +721,12 @@ def _run_stage(run: Run, stage: Stage, state, iterator):
                 bar.close()
                 logging.warning("stopped at step %d, %d step(s) after SIGTERM; the same "
                                 "command resumes.", step, step - run.preemption.signal_step)
-                _close(iterator)
                 return state, True
         bar.close()
         save()
         if _evaluates_at(stage, step, int(config.evals.every_epochs)):
             run.evaluate_epoch(stage, state, step)
-    _close(iterator)
     return state, False
-
-
-def _close(iterator) -> None:
-    """Stops the grain worker processes of a multiprocess iterator (no-op otherwise)."""
-    close = getattr(iterator, "close", None)
-    if close is not None:
-        close()
 
 
 def _reload_best(run: Run, epoch: int, state):
@@ -751,7 +751,7 @@ def _final_evaluation(run: Run, state, workdir: str, step: int) -> None:
             with open(os.path.join(workdir, "results.json"), "w") as f:
                 json.dump(results, f, indent=2)
         say(f"\nNo test evaluation (config.evals.final_test = False); the same command with "
-            f"--config.evals.final_test=True evaluates this run's selected model.\n")
+            "--config.evals.final_test=True evaluates this run's selected model.\n")
         return
     best = run.checkpoints.restore_best(runtime.abstract(state))
     metrics = run.evaluate(best if best is not None else state, "test")
