@@ -45,6 +45,7 @@ import tqdm
 from gl_jax import checkpoints as ckpt
 from gl_jax import data as gdata
 from gl_jax.feed import BatchFeed
+from gl_jax import host_memory
 from gl_jax import metric_writers
 from gl_jax import models
 from gl_jax import protocol
@@ -418,6 +419,10 @@ class Run:
     val_split: str             # where the best model is selected: 'val' or 'test'
     make_iterator: Callable    # stage -> a fresh training iterator for it
     features: dict | None = None   # split -> a frozen backbone's features (head-only)
+    # Under GL_JAX_HOST_MALLOC=reuse: heap pages a new buffer left behind go back to
+    # the kernel (called after each step and evaluation).
+    heap_watch: host_memory.GrowthWatch = dataclasses.field(
+        default_factory=host_memory.GrowthWatch)
 
     @property
     def data_sharding(self) -> NamedSharding:
@@ -428,9 +433,11 @@ class Run:
 
     def evaluate(self, state, split: str) -> dict:
         """The protocol's metrics of `split` ('test' = query vs gallery where it applies)."""
-        return protocol.evaluate_split(self.embedder, state.params, state.model_state,
-                                       self.splits, split, self.config, self.mesh,
-                                       features=self.features)
+        metrics = protocol.evaluate_split(self.embedder, state.params, state.model_state,
+                                          self.splits, split, self.config, self.mesh,
+                                          features=self.features)
+        host_memory.release_free_memory()   # its holes would stay resident
+        return metrics
 
     def selection_score(self, metrics: dict) -> float:
         kind, _ = protocol.eval_kind(self.splits, str(self.config.data.name), self.val_split)
@@ -702,6 +709,7 @@ def _train_stage(run: Run, stage: Stage, state, feed: BatchFeed):
         in_flight = None
         while step < epoch_end:
             state, metrics = step_fn(state, next(feed))
+            run.heap_watch()
             step += 1
             run.preemption.dispatched = step
             log.add(step, metrics)
@@ -750,7 +758,7 @@ def _final_evaluation(run: Run, state, workdir: str, step: int) -> None:
         if jax.process_index() == 0:
             with open(os.path.join(workdir, "results.json"), "w") as f:
                 json.dump(results, f, indent=2)
-        say(f"\nNo test evaluation (config.evals.final_test = False); the same command with "
+        say("\nNo test evaluation (config.evals.final_test = False); the same command with "
             "--config.evals.final_test=True evaluates this run's selected model.\n")
         return
     best = run.checkpoints.restore_best(runtime.abstract(state))

@@ -215,3 +215,78 @@ def test_reuse_alone_stops_most_page_faults_of_a_repeated_jitted_call():
     assert sum(f > 8000 for f in faults) <= 20, faults
     if "[madvise]" in _thp_mode() or "[never]" in _thp_mode():
         assert min(_faults(_child_env(GLIBC_TUNABLES="glibc.malloc.hugetlb=0"))[2:]) > 15000
+
+
+# A child process: a 256 MiB block from the heap, touched, then freed below a small block
+# that keeps it from being the heap's top; resident bytes before the release, what the
+# release gave back, and whether it ran.
+_RELEASE = """
+import ctypes, os
+from gl_jax import host_memory
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+def resident():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+big = libc.malloc(256 << 20)
+ctypes.memset(big, 1, 256 << 20)
+pin = libc.malloc(4096)
+libc.free(big)
+before = resident()
+released = host_memory.release_free_memory()
+print(before, before - resident(), released)
+"""
+
+
+def _release(tunables: str) -> tuple[int, int, str]:
+    done = subprocess.run([sys.executable, "-c", _RELEASE], capture_output=True, text=True,
+                          env=_child_env(GLIBC_TUNABLES=tunables), check=True)
+    before, given_back, released = done.stdout.split()
+    return int(before), int(given_back), released
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc tunables")
+def test_release_gives_the_free_heap_pages_back_under_reuse_only():
+    # Under reuse the freed block stays resident (never trimmed) until the release.
+    before, given_back, released = _release("glibc.malloc.hugetlb=0:" + REUSE)
+    assert released == "True"
+    assert before > 256 << 20
+    assert given_back > 240 << 20
+    # Elsewhere glibc maps such a block on its own and unmaps it at free: nothing to do.
+    before, given_back, released = _release("glibc.malloc.hugetlb=0")
+    assert released == "False"
+    assert before < 200 << 20
+
+
+def test_the_growth_watch_releases_only_when_the_resident_peak_rises(monkeypatch):
+    peaks, released = iter([1000, 1050, 1200, 1200, 1250, 1400]), []
+    monkeypatch.setattr(host_memory, "resident_peak", lambda: next(peaks))
+    monkeypatch.setattr(host_memory, "release_free_memory",
+                        lambda: released.append(True) or True)
+    monkeypatch.setattr(host_memory, "_glibc", lambda: True)
+    monkeypatch.setenv("GLIBC_TUNABLES", REUSE)
+    watch = host_memory.GrowthWatch(slack=100)             # reads 1000
+    # 1050: within the slack; 1200: a new peak; 1200, 1250: not above 1200 + 100; 1400.
+    assert [watch() for _ in range(5)] == [False, True, False, False, True]
+    assert len(released) == 2
+
+
+def test_the_growth_watch_does_nothing_without_reuse(monkeypatch):
+    monkeypatch.setattr(host_memory, "resident_peak", lambda: pytest.fail("read"))
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
+    watch = host_memory.GrowthWatch()
+    assert not watch.active and watch() is False
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="Linux /proc")
+def test_the_resident_peak_is_read_from_proc():
+    code = ("from gl_jax import host_memory\n"
+            "before = host_memory.resident_peak()\n"
+            "block = bytearray(256 << 20)\n"          # zero-filled: every page touched
+            "del block\n"
+            "print(before, host_memory.resident_peak())\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=_child_env(), check=True)
+    before, after = (int(v) for v in done.stdout.split())
+    assert 0 < before < 200 << 20
+    assert after >= before + (250 << 20)
