@@ -8,9 +8,20 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 _CACHE = os.environ.get(
         "GL_JAX_TEST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "gl_jax", "jax_test_cache"))
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """The bundled digits dataset's data config (1 validation class), sampler config and
+    splits."""
+    from gl_jax import data as gdata
+    config = gdata.default_config("digits")
+    config.val_classes = 1
+    return config, gdata.default_sampler_config("digits"), gdata.load_splits(config)

@@ -12,13 +12,6 @@ from gl_jax.data.sources import CorruptImageError
 
 
 @pytest.fixture(scope="module")
-def digits():
-    config = gdata.default_config("digits")
-    config.val_classes = 1
-    return config, gdata.default_sampler_config("digits"), gdata.load_splits(config)
-
-
-@pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     """6 classes x 5 random-size RGB JPEG/PNG images; class 'c2' holds one corrupt file."""
     root = tmp_path_factory.mktemp("folder")

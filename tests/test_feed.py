@@ -14,13 +14,6 @@ from gl_jax.feed import BatchFeed
 
 
 @pytest.fixture(scope="module")
-def digits():
-    config = gdata.default_config("digits")
-    config.val_classes = 1
-    return config, gdata.default_sampler_config("digits"), gdata.load_splits(config)
-
-
-@pytest.fixture(scope="module")
 def sharding():
     return NamedSharding(Mesh(np.array(jax.devices()[:1]), ("data",)), P("data"))
 
