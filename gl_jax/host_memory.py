@@ -168,9 +168,9 @@ def resident_peak() -> int:
 
 
 class GrowthWatch:
-    """Called after each training step and evaluation under heap reuse: when the process's
-    resident peak rose by more than `slack` bytes since the last call, free heap memory is
-    released (`release_free_memory`). In the steady state the step reuses its pages and
+    """Called after each training step under heap reuse: when the process's resident peak
+    rose by more than `slack` bytes since the last call, free heap memory is released
+    (`release_free_memory`). In the steady state the step reuses its pages and
     the peak stays put, so nothing is released; a new peak means a buffer went somewhere
     new (the first steps, after an evaluation) and the hole it left would stay resident.
     (A Lite0 run at 227 px, batch 64, grew to 14 GB over its first two steps without it,

@@ -358,7 +358,7 @@ def _steps_per_epoch(source, sampler_config, cap) -> int:
 class _Preemption:
     """SIGTERM (a preempted VM) -> a flag the loop checks after every step, then a save.
 
-    At most two steps are in flight (see `_run_stage`), so the save starts within two
+    At most two steps are in flight (see `_train_stage`), so the save starts within two
     steps of the signal. If the process has not exited `timeout_s` seconds after the
     signal (a step or a data read that never returns), it exits with status 143 without
     saving: the last checkpoint stays the newest, and the same command resumes from it."""
@@ -420,7 +420,7 @@ class Run:
     make_iterator: Callable    # stage -> a fresh training iterator for it
     features: dict | None = None   # split -> a frozen backbone's features (head-only)
     # Under GL_JAX_HOST_MALLOC=reuse: heap pages a new buffer left behind go back to
-    # the kernel (called after each step and evaluation).
+    # the kernel (called after each step; `evaluate` releases them unconditionally).
     heap_watch: host_memory.GrowthWatch = dataclasses.field(
         default_factory=host_memory.GrowthWatch)
 
