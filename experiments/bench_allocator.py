@@ -8,11 +8,10 @@ peak resident memory under glibc's default and other settings, in fresh processe
 Settings (each holds for a whole process and must be made before JAX starts its threads):
 - default: glibc's malloc as it comes (``glibc.malloc.hugetlb=0``);
 - huge_pages: ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``, what `gl_jax.host_memory` gives
-  the command lines with ``GL_JAX_HOST_MALLOC=huge_pages``: transparent huge pages for
-  large blocks;
-- reuse: what they get by default: huge pages, large blocks from the heap and never
-  trimmed (``host_memory.REUSE_TUNABLES``), and JAX's CPU computations on the calling
-  thread (``host_memory.configure_jax``);
+  the command lines by default: transparent huge pages for large blocks;
+- reuse: what they get with ``GL_JAX_HOST_MALLOC=reuse``: huge pages, large blocks from
+  the heap and never trimmed (``host_memory.REUSE_TUNABLES``), and JAX's CPU computations
+  on the calling thread (``host_memory.configure_jax``);
 - one_heap: freed memory kept in one heap (GLIBC_TUNABLES ONE_HEAP_TUNABLES: one arena
   for every thread, no mmap, no trimming), the alternative that was not kept: pages are
   reused, but the heap keeps all it ever held and fragments, and peak memory grows;

@@ -27,8 +27,8 @@ speed does not depend on the values. Every speed is the fastest of --steps timed
 (after one warm-up; cheap steps are repeated until they add up to --min_seconds).
 PyTorch's process keeps freed memory in its heap (``torch_reference.steady_allocator``):
 with glibc's default, PyTorch's step time depended on what the process had run before.
-gl_jax's process runs as the trainer does (``gl_jax.host_memory``: heap reuse, or huge
-pages only with ``GL_JAX_HOST_MALLOC=huge_pages``) and calls no mallopt: one would override the
+gl_jax's process runs as the trainer does (``gl_jax.host_memory``: huge pages, or heap
+reuse with ``GL_JAX_HOST_MALLOC=reuse``) and calls no mallopt: one would override the
 reuse tunables' trim threshold (mallopt takes at most 2 GiB), and ResNet-50's 4.5 GB step
 buffer at 227 px went back to the kernel after every step (0.70x PyTorch instead of
 about 1.0x).

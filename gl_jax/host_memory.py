@@ -7,8 +7,11 @@ buffers are new pages the kernel must fault in and zero: EfficientNet-Lite0's tr
 step at 112 px, batch 32, took about 200,000 faults (800 MB of fresh pages) per step,
 ResNet-50's at 227 px about 4.5 GB. ``GL_JAX_HOST_MALLOC`` chooses what to do about it:
 
-- ``reuse`` (the default): glibc serves large blocks from its heap instead of fresh
-  mappings and never gives freed memory back on its own (``glibc.malloc.mmap_max=0``,
+- ``huge_pages`` (the default): only ``glibc.malloc.hugetlb=1``: glibc asks for
+  transparent huge pages on those mappings (2 MiB pages, 512 times fewer faults); the
+  kernel still zeroes every fresh page, and resident memory does not grow.
+- ``reuse``: glibc serves large blocks from its heap instead of fresh
+  mappings and never gives freed memory back (``glibc.malloc.mmap_max=0``,
   ``glibc.malloc.trim_threshold`` = 1 TiB), and JAX runs CPU computations on the calling
   thread (``jax_cpu_enable_async_dispatch`` off; ``configure_jax``): the step buffer is
   then allocated by the main thread, whose heap can hold it (glibc's other threads' heaps
@@ -20,10 +23,8 @@ ResNet-50's at 227 px about 4.5 GB. ``GL_JAX_HOST_MALLOC`` chooses what to do ab
   peak (``GrowthWatch``), which keeps the peak within a few percent of ``huge_pages``'.
   (With the computations on the calling thread the trainer's own work between steps
   would no longer overlap them; gl_jax.feed reads the next batch in a thread for that.)
-  Whole trainer runs were 1.06-1.20x faster than with ``huge_pages`` (docs/models.md).
-- ``huge_pages``: only ``glibc.malloc.hugetlb=1``: glibc asks for transparent huge pages
-  on those mappings (2 MiB pages, 512 times fewer faults); the kernel still zeroes every
-  fresh page, and resident memory does not grow. JAX keeps its asynchronous dispatch.
+  Worth it for large inputs (ResNet-50 at 227 px: steps 1.20x faster), hence not the
+  default.
 - ``default``: glibc and JAX as they come.
 
 `experiments/bench_allocator.py` measures the settings; docs/models.md has the tables.
@@ -46,7 +47,7 @@ TUNABLE = "glibc.malloc.hugetlb"
 # Large blocks from the heap (never a fresh mapping), and freed memory never trimmed.
 REUSE_TUNABLES = {"glibc.malloc.mmap_max": 0, "glibc.malloc.trim_threshold": 2 ** 40}
 ENV = "GL_JAX_HOST_MALLOC"
-MODES = ("reuse", "huge_pages", "default")
+MODES = ("huge_pages", "reuse", "default")
 # Set in the restarted process's environment: a second restart never happens, even where
 # the environment comes back without GLIBC_TUNABLES (glibc drops it in secure mode).
 RESTARTED = "GL_JAX_HOST_MALLOC_RESTARTED"
@@ -70,7 +71,7 @@ def kernel_offers_huge_pages() -> bool:
 
 
 def mode(environ=None) -> str:
-    """The ``GL_JAX_HOST_MALLOC`` setting (``reuse`` when unset); a ValueError names
+    """The ``GL_JAX_HOST_MALLOC`` setting (``huge_pages`` when unset); a ValueError names
     an unknown value."""
     value = (os.environ if environ is None else environ).get(ENV, "").strip().lower()
     if value and value not in MODES:

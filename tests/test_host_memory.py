@@ -42,8 +42,8 @@ REUSE = f"glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold={2 ** 40}"
 
 
 def test_the_tunables_are_added_to_the_environment(huge_pages_offered):
-    env = host_memory.tuned_environment({"HOME": "/h"})            # reuse by default
-    assert env == {"HOME": "/h", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1:" + REUSE,
+    env = host_memory.tuned_environment({"HOME": "/h"})
+    assert env == {"HOME": "/h", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1",
                    host_memory.RESTARTED: "1"}
     env = host_memory.tuned_environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2",
                                          host_memory.ENV: " Reuse"})
@@ -54,7 +54,7 @@ def test_the_tunables_are_added_to_the_environment(huge_pages_offered):
 
 def test_an_unknown_mode_is_an_error_naming_it(huge_pages_offered):
     with pytest.raises(ValueError, match="GL_JAX_HOST_MALLOC='hugepages': expected one of "
-                                         "reuse, huge_pages, default"):
+                                         "huge_pages, reuse, default"):
         host_memory.tuned_environment({host_memory.ENV: "hugepages"})
 
 
@@ -77,8 +77,7 @@ def test_without_the_kernels_huge_pages_only_reuse_is_set(huge_pages_offered, th
     else:
         huge_pages_offered.write_text(thp)
     assert host_memory.tuned_environment({host_memory.ENV: "reuse"})["GLIBC_TUNABLES"] == REUSE
-    assert host_memory.tuned_environment({})["GLIBC_TUNABLES"] == REUSE
-    assert host_memory.tuned_environment({host_memory.ENV: "huge_pages"}) is None
+    assert host_memory.tuned_environment({}) is None
 
 
 def test_nothing_changes_off_glibc(monkeypatch, tmp_path):
@@ -120,9 +119,7 @@ def test_jax_is_configured_only_under_reuse(monkeypatch):
         assert host_memory.configure_jax() is False and calls == []
     monkeypatch.setenv(host_memory.ENV, "reuse")
     assert host_memory.configure_jax() is True
-    monkeypatch.delenv(host_memory.ENV)                           # the default
-    assert host_memory.configure_jax() is True
-    assert calls == [("jax_cpu_enable_async_dispatch", False)] * 2
+    assert calls == [("jax_cpu_enable_async_dispatch", False)]
 
 
 @pytest.mark.skipif(not GLIBC, reason="a glibc tunable")
@@ -169,7 +166,7 @@ print("no restart")
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True, env=_child_env(GLIBC_TUNABLES=""))
-    assert done.stdout.split() == ["True", "True", "glibc.malloc.hugetlb=1:" + REUSE,
+    assert done.stdout.split() == ["True", "True", "glibc.malloc.hugetlb=1",
                                    str(loads_jax_first), "False"]
 
 
@@ -202,8 +199,7 @@ def test_huge_pages_remove_the_page_faults_of_a_repeated_jitted_call():
     if "[madvise]" in _thp_mode():
         # 64 MiB of fresh 4 KiB pages: 16,384 faults (huge pages only where asked for).
         assert min(_faults(default)[2:]) > 15000
-    huge = host_memory.tuned_environment(_child_env(GLIBC_TUNABLES="",
-                                                    GL_JAX_HOST_MALLOC="huge_pages"))
+    huge = host_memory.tuned_environment(_child_env(GLIBC_TUNABLES=""))
     assert huge["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
     assert max(_faults(huge)[2:]) < 1000
 
