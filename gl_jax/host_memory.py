@@ -20,8 +20,8 @@ ResNet-50's at 227 px about 4.5 GB. ``GL_JAX_HOST_MALLOC`` chooses what to do ab
   and a small allocation in the hole of a freed step buffer sends the next one above it
   with the hole still resident (up to about twice the peak memory of ``huge_pages``);
   the trainer trims the heap after evaluations and after steps that set a new resident
-  peak (``GrowthWatch``), which helps in some runs and not in others (steps alternating
-  between two buffer regions set no new peak: a Lite0 run at 227 px peaked at 8.9 GB once
+  peak (``GrowthWatch``), which helps in some runs and not in others (steady steps that
+  keep two buffer regions in use set no new peak: a Lite0 run at 227 px peaked at 8.9 GB once
   and 14.9 GB the next time, against 8.3 GB with ``huge_pages``). (With the computations
   on the calling thread the trainer's own work between steps would no longer overlap
   them; gl_jax.feed reads the next batch in a thread for that.) Faster steps (ResNet-50
@@ -176,7 +176,7 @@ class GrowthWatch:
     the peak stays put, so nothing is released; a new peak means a buffer went somewhere
     new (the first steps, after an evaluation) and the hole it left would stay resident.
     (A Lite0 run at 227 px, batch 64, grew to 14 GB over its first two steps without it,
-    against 8.4 GB with ``huge_pages``.) Steps that alternate between two buffer regions
+    against 8.4 GB with ``huge_pages``.) Steady steps that keep two buffer regions in use
     set no new peak and keep both resident: this does not catch them. A no-op elsewhere."""
 
     def __init__(self, slack: int = 64 << 20):
