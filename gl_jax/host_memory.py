@@ -158,15 +158,9 @@ def release_free_memory() -> bool:
 
 
 def resident_peak() -> int:
-    """This process's peak resident memory so far (bytes; VmHWM), 0 where unknown."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
+    """This process's peak resident memory so far, in bytes (Linux's ru_maxrss, KiB)."""
+    import resource     # not on every platform; only called where glibc is
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 class GrowthWatch:
