@@ -17,15 +17,17 @@ ResNet-50's at 227 px about 4.5 GB. ``GL_JAX_HOST_MALLOC`` chooses what to do ab
   then allocated by the main thread, whose heap can hold it (glibc's other threads' heaps
   cannot hold blocks over 64 MiB and map them fresh regardless), so the next step reuses
   the same pages. Huge pages as below are asked for too. The heap keeps what it held,
-  and a small allocation in the hole of a freed step buffer sends the next one above it
-  with the hole still resident (up to about twice the peak memory of ``huge_pages``);
-  the trainer trims the heap after evaluations and after steps that set a new resident
-  peak (``GrowthWatch``), which helps in some runs and not in others (steady steps that
-  keep two buffer regions in use set no new peak: a Lite0 run at 227 px peaked at 8.9 GB once
-  and 14.9 GB the next time, against 8.3 GB with ``huge_pages``). (With the computations
-  on the calling thread the trainer's own work between steps would no longer overlap
-  them; gl_jax.feed reads the next batch in a thread for that.) Faster steps (ResNet-50
-  at 227 px: 1.20x) for uncertain memory, hence not the default.
+  and when the next buffer does not land where the last one was (a small allocation
+  took the start of the hole), the hole stays resident beside it, up to about twice the
+  peak memory of ``huge_pages``. The trainer therefore gives the heap's free pages back
+  before and after every evaluation and after a step that leaves more resident than one
+  step buffer (``StepWatch``): whole Lite0 runs at 227 px then peaked at 7.9-8.7 GB
+  against 8.2-8.3 GB with ``huge_pages``, but one run of an earlier, tighter version of
+  the watch reached 13.4 GB within a single step, before any watch could act. (With the
+  computations on the calling thread the trainer's own work between steps would no
+  longer overlap them; gl_jax.feed reads the next batch in a thread for that.) Faster
+  steps (ResNet-50 at 227 px: 1.20x) for memory that is not bounded in every case, hence
+  not the default.
 - ``default``: glibc and JAX as they come.
 
 `experiments/bench_allocator.py` measures the settings; docs/models.md has the tables.
@@ -149,7 +151,7 @@ def release_free_memory() -> bool:
 
     A freed step buffer stays resident for the next step; when a small allocation lands
     in its hole, the next buffer no longer fits there and is placed above it, and the
-    hole's pages stay resident beside it unless released (`GrowthWatch`). The next use of
+    hole's pages stay resident beside it unless released (`StepWatch`). The next use of
     a released page faults it in once."""
     if not (_glibc() and reuse_asked()):
         return False
@@ -157,36 +159,59 @@ def release_free_memory() -> bool:
     return True
 
 
-def resident_peak() -> int:
-    """This process's peak resident memory so far, in bytes (Linux's ru_maxrss, KiB)."""
-    import resource     # not on every platform; only called where glibc is
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def resident_now() -> int:
+    """This process's resident memory now, in bytes (/proc/self/statm)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-class GrowthWatch:
-    """Called after each training step under heap reuse: when the process's resident peak
-    rose by more than `slack` bytes since the last call, free heap memory is released
-    (`release_free_memory`). In the steady state the step reuses its pages and
-    the peak stays put, so nothing is released; a new peak means a buffer went somewhere
-    new (the first steps, after an evaluation) and the hole it left would stay resident.
-    (A Lite0 run at 227 px, batch 64, grew to 14 GB over its first two steps without it,
-    against 8.4 GB with ``huge_pages``.) Steady steps that keep two buffer regions in use
-    set no new peak and keep both resident: this does not catch them. A no-op elsewhere."""
+class StepWatch:
+    """Under heap reuse, keeps the heap's resident memory at about one step buffer above
+    what the process holds between steps. Call it after every training step and `reset`
+    it around other work (evaluations).
+
+    A step's buffer is freed when the step ends and stays resident for the next step to
+    use again; that is the point of ``reuse``. It goes wrong when the next buffer does not
+    land where the last one was (a small allocation took the start of the hole, or the
+    step's outputs sit above it): the hole stays resident beside the new buffer. So the
+    watch measures what one step adds (the resident size after the first step that
+    follows a release, minus the size right after that release) and releases the heap's
+    free pages (`release_free_memory`) whenever a step leaves more than that plus `slack`
+    resident. After the first step, which also leaves compilation's garbage behind, it
+    releases unconditionally. In the steady state the step finds its pages again and
+    nothing is released; a release costs the next step its page faults, as every step
+    pays under ``huge_pages``. A no-op elsewhere."""
 
     def __init__(self, slack: int = 64 << 20):
         self.active = _glibc() and reuse_asked()
         self.slack = slack
-        self.peak = resident_peak() if self.active else 0
+        self.floor = None        # resident bytes right after the last release
+        self.step_bytes = None   # what the first step after it added
+
+    def reset(self) -> bool:
+        """Release now and measure the next step afresh; returns whether it released."""
+        if not self.active:
+            return False
+        release_free_memory()
+        self.floor, self.step_bytes = resident_now(), None
+        return True
 
     def __call__(self) -> bool:
         """Returns whether it released memory."""
         if not self.active:
             return False
-        peak = resident_peak()
-        if peak <= self.peak + self.slack:
+        if self.floor is None:
+            return self.reset()
+        now = resident_now()
+        if self.step_bytes is None:
+            self.step_bytes = max(now - self.floor, 0)
             return False
-        self.peak = peak
-        return release_free_memory()
+        # Half a step's buffer of leeway: what else a step leaves (checkpoint writes,
+        # logging) varies by 100 MB or so from step to step, while a buffer placed anew
+        # adds a whole one.
+        if now <= self.floor + self.step_bytes + max(self.slack, self.step_bytes // 2):
+            return False
+        return self.reset()
 
 
 def restart_with_tuned_malloc() -> None:

@@ -420,9 +420,9 @@ class Run:
     make_iterator: Callable    # stage -> a fresh training iterator for it
     features: dict | None = None   # split -> a frozen backbone's features (head-only)
     # Under GL_JAX_HOST_MALLOC=reuse: heap pages a new buffer left behind go back to
-    # the kernel (called after each step; `evaluate` releases them unconditionally).
-    heap_watch: host_memory.GrowthWatch = dataclasses.field(
-        default_factory=host_memory.GrowthWatch)
+    # the kernel (called after each step; `evaluate` resets it before and after).
+    heap_watch: host_memory.StepWatch = dataclasses.field(
+        default_factory=host_memory.StepWatch)
 
     @property
     def data_sharding(self) -> NamedSharding:
@@ -433,10 +433,13 @@ class Run:
 
     def evaluate(self, state, split: str) -> dict:
         """The protocol's metrics of `split` ('test' = query vs gallery where it applies)."""
+        # Under heap reuse the free step buffer would stay resident beside the evaluation's
+        # own buffers, and their holes beside the next step's: released on both sides.
+        self.heap_watch.reset()
         metrics = protocol.evaluate_split(self.embedder, state.params, state.model_state,
                                           self.splits, split, self.config, self.mesh,
                                           features=self.features)
-        host_memory.release_free_memory()   # its holes would stay resident
+        self.heap_watch.reset()
         return metrics
 
     def selection_score(self, metrics: dict) -> float:

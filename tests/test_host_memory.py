@@ -258,37 +258,70 @@ def test_release_gives_the_free_heap_pages_back_under_reuse_only():
     assert before < 200 << 20
 
 
-def test_the_growth_watch_releases_only_when_the_resident_peak_rises(monkeypatch):
-    peaks, released = iter([1000, 1050, 1200, 1200, 1250, 1400]), []
-    monkeypatch.setattr(host_memory, "resident_peak", lambda: next(peaks))
+def test_the_step_watch_releases_after_the_first_step_and_when_a_step_leaves_more(
+        monkeypatch):
+    reads, released = iter([1000, 1600, 1600, 1650, 2300, 1000, 1600, 900]), []
+    monkeypatch.setattr(host_memory, "resident_now", lambda: next(reads))
     monkeypatch.setattr(host_memory, "release_free_memory",
                         lambda: released.append(True) or True)
     monkeypatch.setattr(host_memory, "_glibc", lambda: True)
     monkeypatch.setenv("GLIBC_TUNABLES", REUSE)
-    watch = host_memory.GrowthWatch(slack=100)             # reads 1000
-    # 1050: within the slack; 1200: a new peak; 1200, 1250: not above 1200 + 100; 1400.
-    assert [watch() for _ in range(5)] == [False, True, False, False, True]
-    assert len(released) == 2
+    watch = host_memory.StepWatch(slack=100)
+    # First step: released (floor 1000); 1600: the step adds 600; 1600, 1650: within
+    # 1000 + 600 + 100; 2300: released (floor 1000); 1600: the step measured again.
+    assert [watch() for _ in range(6)] == [True, False, False, False, True, False]
+    assert (watch.floor, watch.step_bytes, len(released)) == (1000, 600, 2)
+    assert watch.reset() and (watch.floor, watch.step_bytes, len(released)) == (900, None, 3)
 
 
-def test_the_growth_watch_does_nothing_without_reuse(monkeypatch):
-    monkeypatch.setattr(host_memory, "resident_peak", lambda: pytest.fail("read"))
+def test_the_step_watch_does_nothing_without_reuse(monkeypatch):
+    monkeypatch.setattr(host_memory, "resident_now", lambda: pytest.fail("read"))
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
-    watch = host_memory.GrowthWatch()
-    assert not watch.active and watch() is False
+    watch = host_memory.StepWatch()
+    assert not watch.active and watch() is False and watch.reset() is False
 
 
-@pytest.mark.skipif(not GLIBC, reason="Linux's ru_maxrss")
-def test_the_resident_peak_rises_with_an_allocation():
-    # A child's peak starts at least at what it inherits from this process when it is
-    # started, so the block is 256 MiB larger than that: its pages alone set a new peak.
-    code = ("from gl_jax import host_memory\n"
-            "before = host_memory.resident_peak()\n"
-            "block = bytearray(before + (256 << 20))\n"     # zero-filled: every page touched
-            "del block\n"
-            "print(before, host_memory.resident_peak())\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env=_child_env(), check=True)
-    before, after = (int(v) for v in done.stdout.split())
-    assert before > 0
-    assert after >= before + (250 << 20)
+# A child under the reuse tunables: "steps" that allocate a 256 MiB block, touch it, pin
+# a block above it and free it. The third step finds the block's pages again; before the
+# fourth, a small allocation takes the start of the hole, so the block goes above it and
+# the hole's pages stay resident: what the watch is for. Before the first step a mapping
+# of 768 MiB, touched and unmapped (as compilation's memory), sets a resident peak that no
+# step reaches again: watching the peak would miss the fourth step.
+_STEPS = """
+import ctypes
+from gl_jax import host_memory
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = libc.mmap.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t] + [ctypes.c_int] * 3 + [ctypes.c_long]
+libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+transient = libc.mmap(None, 768 << 20, 3, 0x22, -1, 0)     # read/write, private anonymous
+ctypes.memset(transient, 1, 768 << 20)
+libc.munmap(transient, 768 << 20)
+size, pins = 256 << 20, []
+def step():
+    block = libc.malloc(size)
+    ctypes.memset(block, 1, size)
+    pins.append(libc.malloc(8 << 20))
+    libc.free(block)
+watch = host_memory.StepWatch(slack=64 << 20)
+results = []
+for i in range(4):
+    if i == 3:
+        pins.append(libc.malloc(1 << 20))
+    step()
+    before = host_memory.resident_now()
+    results.append((watch(), before - host_memory.resident_now()))
+print(results)
+"""
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc tunables")
+def test_the_step_watch_gives_back_a_hole_left_beside_the_step_buffer():
+    done = subprocess.run([sys.executable, "-c", _STEPS], capture_output=True, text=True,
+                          env=_child_env(GLIBC_TUNABLES="glibc.malloc.hugetlb=0:" + REUSE),
+                          check=True)
+    results = eval(done.stdout)
+    assert [released for released, _ in results] == [True, False, False, True]
+    assert results[0][1] > 240 << 20 and results[3][1] > 240 << 20   # bytes given back
+    assert results[1][1] == results[2][1] == 0

@@ -314,21 +314,22 @@ def test_classifier_lr_multiplier_reaches_the_metric_loss_stage(tmp_path):
 def test_fast_end_to_end_train_resume_and_evaluate(tmp_path, monkeypatch):
     """The fast tier's whole path: two steps per stage, checkpoints, results, a resumed
     rerun that trains nothing, and the evaluator on the same workdir. Every evaluation is
-    followed by host_memory's release of free heap pages (a no-op unless under reuse)."""
+    preceded and followed by a reset of the heap watch (a release of free heap pages
+    under reuse, a no-op otherwise)."""
     from gl_jax import ablation, host_memory, protocol
     events = []
-    evaluate_split, release = protocol.evaluate_split, host_memory.release_free_memory
+    evaluate_split, reset = protocol.evaluate_split, host_memory.StepWatch.reset
     monkeypatch.setattr(protocol, "evaluate_split",
                         lambda *a, **k: events.append("evaluate") or evaluate_split(*a, **k))
-    monkeypatch.setattr(host_memory, "release_free_memory",
-                        lambda: events.append("release") or release())
+    monkeypatch.setattr(host_memory.StepWatch, "reset",
+                        lambda self: events.append("reset") or reset(self))
     workdir = str(tmp_path / "fast")
     config = quick_config(warmup__steps_per_epoch=2, schedule__steps_per_epoch=2,
                           schedule__epochs=1, schedule__lr_drop_epochs=(),
                           schedule__lr_drop_factors=(), checkpoint__every_steps=100)
     train.train_and_evaluate(config, workdir)
     assert events.count("evaluate") >= 2
-    assert events == ["evaluate", "release"] * events.count("evaluate")
+    assert events == ["reset", "evaluate", "reset"] * events.count("evaluate")
     results = read_results(workdir)
     assert results["selected_step"] == 4 and 0.0 < results["test"]["recall@1"] <= 1.0
     assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))
