@@ -176,11 +176,11 @@ class StepWatch:
     step's outputs sit above it): the hole stays resident beside the new buffer. So the
     watch measures what one step adds (the resident size after the first step that
     follows a release, minus the size right after that release) and releases the heap's
-    free pages (`release_free_memory`) whenever a step leaves more than that plus `slack`
-    resident. After the first step, which also leaves compilation's garbage behind, it
-    releases unconditionally. In the steady state the step finds its pages again and
-    nothing is released; a release costs the next step its page faults, as every step
-    pays under ``huge_pages``. A no-op elsewhere."""
+    free pages (`release_free_memory`) whenever a step leaves more resident than that
+    plus half of it (at least `slack`). After the first step, which also leaves
+    compilation's garbage behind, it releases unconditionally. In the steady state the
+    step finds its pages again and nothing is released; a release costs the next step its
+    page faults, as every step pays under ``huge_pages``. A no-op elsewhere."""
 
     def __init__(self, slack: int = 64 << 20):
         self.active = _glibc() and reuse_asked()
