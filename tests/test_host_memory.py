@@ -1,6 +1,7 @@
 """gl_jax.host_memory: the command lines restart once with glibc's tunables (huge pages, and
 large blocks kept in the heap), after which a jitted call's large buffers stop costing a
 page fault per 4 KiB page."""
+import ast
 import os
 import platform
 import subprocess
@@ -321,7 +322,7 @@ def test_the_step_watch_gives_back_a_hole_left_beside_the_step_buffer():
     done = subprocess.run([sys.executable, "-c", _STEPS], capture_output=True, text=True,
                           env=_child_env(GLIBC_TUNABLES="glibc.malloc.hugetlb=0:" + REUSE),
                           check=True)
-    results = eval(done.stdout)
+    results = ast.literal_eval(done.stdout)
     assert [released for released, _ in results] == [True, False, False, True]
     assert results[0][1] > 240 << 20 and results[3][1] > 240 << 20   # bytes given back
     assert results[1][1] == results[2][1] == 0
