@@ -21,6 +21,7 @@ def test_under_reuse_a_threads_large_blocks_reach_the_main_heap(capsys):
     assert taken[("huge_pages", "40")] == taken[("default", "40")] == 0
 
 
+@pytest.mark.skipif(not GLIBC, reason="glibc tunables")
 def test_the_modes_tunables_are_the_trainers():
     assert "glibc.malloc.mmap_max=0" in heap_arenas.tunables("reuse")
     assert "mmap_max" not in heap_arenas.tunables("huge_pages")
