@@ -10,24 +10,25 @@ ResNet-50's at 227 px about 4.5 GB. ``GL_JAX_HOST_MALLOC`` chooses what to do ab
 - ``huge_pages`` (the default): only ``glibc.malloc.hugetlb=1``: glibc asks for
   transparent huge pages on those mappings (2 MiB pages, 512 times fewer faults); the
   kernel still zeroes every fresh page, and resident memory does not grow.
-- ``reuse``: glibc serves large blocks from its heap instead of fresh
-  mappings and never gives freed memory back (``glibc.malloc.mmap_max=0``,
-  ``glibc.malloc.trim_threshold`` = 1 TiB), and JAX runs CPU computations on the calling
-  thread (``jax_cpu_enable_async_dispatch`` off; ``configure_jax``): the step buffer is
-  then allocated by the main thread, whose heap can hold it (glibc's other threads' heaps
+- ``reuse``: glibc serves large blocks from its heap instead of fresh mappings and never
+  gives freed memory back (``glibc.malloc.mmap_max=0``, ``glibc.malloc.trim_threshold`` =
+  1 TiB), and JAX runs CPU computations on the calling thread
+  (``jax_cpu_enable_async_dispatch`` off; ``configure_jax``): the step buffer is then
+  allocated by the main thread, whose heap can hold it (glibc's other threads' heaps
   cannot hold blocks over 64 MiB and map them fresh regardless), so the next step reuses
-  the same pages. Huge pages as below are asked for too. The heap keeps what it held,
-  and when the next buffer does not land where the last one was (a small allocation
-  took the start of the hole), the hole stays resident beside it, up to about twice the
-  peak memory of ``huge_pages``. The trainer therefore gives the heap's free pages back
-  before and after every evaluation and after a step that leaves more resident than one
-  step buffer (``StepWatch``): whole Lite0 runs at 227 px then peaked at 7.9-8.7 GB
-  against 8.2-8.3 GB with ``huge_pages``, but one run of an earlier, tighter version of
-  the watch reached 13.4 GB within a single step, before any watch could act. (With the
-  computations on the calling thread the trainer's own work between steps would no
-  longer overlap them; gl_jax.feed reads the next batch in a thread for that.) Faster
-  steps (ResNet-50 at 227 px: 1.20x) for memory that is not bounded in every case, hence
-  not the default.
+  the same pages. Huge pages as below are asked for too. The heap keeps what it held, and
+  when the next buffer does not land where the last one was (a small allocation took the
+  start of the hole, or a block of 40 MB or more from another thread, which glibc then
+  serves from the main heap: `experiments/heap_arenas.py`), the hole stays resident beside
+  it, up to about twice the peak memory of ``huge_pages``. The trainer therefore gives the
+  heap's free pages back before and after every evaluation and after a step that leaves
+  more resident than one step buffer (``StepWatch``): whole Lite0 runs at 227 px then
+  peaked at 7.9-8.7 GB against 8.2-8.3 GB with ``huge_pages``, but one run of an earlier,
+  tighter version of the watch reached 13.4 GB within a single step, before any watch
+  could act. (With the computations on the calling thread the trainer's own work between
+  steps would no longer overlap them; gl_jax.feed reads the next batch in a thread for
+  that.) Faster steps (ResNet-50 at 227 px: 1.20x) for memory that is not bounded in every
+  case, hence not the default.
 - ``default``: glibc and JAX as they come.
 
 `experiments/bench_allocator.py` measures the settings; docs/models.md has the tables.

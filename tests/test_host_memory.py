@@ -325,4 +325,6 @@ def test_the_step_watch_gives_back_a_hole_left_beside_the_step_buffer():
     results = ast.literal_eval(done.stdout)
     assert [released for released, _ in results] == [True, False, False, True]
     assert results[0][1] > 240 << 20 and results[3][1] > 240 << 20   # bytes given back
-    assert results[1][1] == results[2][1] == 0
+    # Nothing given back after steps 2 and 3 (the interpreter itself may touch a new page
+    # between the two reads, which depended on the size of host_memory's docstring).
+    assert results[1][1] <= 0 and results[2][1] <= 0
