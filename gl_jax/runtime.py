@@ -115,13 +115,31 @@ def abstract(tree):
                         tree)
 
 
+def normalize_images(images: jax.Array, normalization: str | None) -> jax.Array:
+    """uint8 images [..., 3] -> the network's float32 input, inside a jitted step: the
+    same values as the host's `gdata.normalize`, bit for bit (looked up in its table).
+    Moving uint8 batches instead of float32 ones takes a quarter of the host's memory
+    traffic and of its batch-sized blocks. Any other dtype is taken as normalised already.
+    """
+    if images.dtype != jnp.uint8:
+        return images
+    if normalization is None:
+        raise ValueError(f"uint8 images {images.shape} need a normalization "
+                         "(config.data.normalization) to become the network's input")
+    order, table = gdata.normalization_table(normalization)
+    table = jnp.asarray(table)
+    return jnp.stack([table[images[..., c], j] for j, c in enumerate(order)], axis=-1)
+
+
 # ----------------------------------------------------------------------------- embedding
 def _embed_batch(graphdef, flip: bool, pooled: bool, from_features: bool, params, model_state,
-                 images):
+                 images, normalization: str | None = None):
     """Embeddings [B, d] (or, with `pooled`, the pooled backbone features [B, C]) in
     inference mode (BatchNorm running statistics); with `flip` also those of the
     horizontally mirrored images (NHWC: the width axis is 2). `from_features`: `images`
-    are pooled backbone features [B, C] and only the head runs."""
+    are pooled backbone features [B, C] and only the head runs. uint8 images are
+    normalised first (`normalize_images`)."""
+    images = normalize_images(images, normalization)
     model = nnx.merge(graphdef, params, model_state, copy=True)
     model.eval()
     if from_features:
@@ -157,7 +175,7 @@ class Embedder:
         data = NamedSharding(self.mesh, P("data"))
         return jax.jit(functools.partial(_embed_batch, self.graphdef, self.flip, self.pooled,
                                          self.from_features),
-                       out_shardings=(data, data))
+                       static_argnames="normalization", out_shardings=(data, data))
 
 
 def embed_source(jobs: Sequence[tuple[Embedder, Any, Any]], source, config, mesh: Mesh, *,
@@ -174,9 +192,12 @@ def embed_source(jobs: Sequence[tuple[Embedder, Any, Any]], source, config, mesh
     if any(embedder.from_features != (features is not None) for embedder, _, _ in jobs):
         raise ValueError("embed_source: features go with (and only with) from_features "
                          "embedders")
+    # uint8 batches, normalised by the embedding step.
     iterator = gdata.make_eval_iterator(source, config.data, batch_size,
                                         process_index=jax.process_index(),
-                                        process_count=jax.process_count(), features=features)
+                                        process_count=jax.process_count(), features=features,
+                                        normalize=False)
+    normalization = str(config.data.normalization)
 
     def gather(x):
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
@@ -188,7 +209,8 @@ def embed_source(jobs: Sequence[tuple[Embedder, Any, Any]], source, config, mesh
                            disable=not show, leave=False):
         images = jax.make_array_from_process_local_data(data_sharding, batch["image"])
         for out, (embedder, params, model_state) in zip(parts, jobs):
-            embedding, mirrored = embedder.step(params, model_state, images)
+            embedding, mirrored = embedder.step(params, model_state, images,
+                                                normalization=normalization)
             out["embedding"].append(gather(embedding))
             if embedder.flip:
                 out["flipped"].append(gather(mirrored))

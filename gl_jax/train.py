@@ -147,12 +147,14 @@ def _in_backbone(path) -> bool:
 
 
 def train_step(graphdef, tx, spec: LossSpec, state: TrainState, batch, *, frozen: bool = False,
-               from_features: bool = False):
+               from_features: bool = False, normalization: str | None = None):
     """One optimisation step on the global batch; returns the new state and scalar metrics.
 
     `frozen`: the backbone's parameters and BatchNorm statistics stay as they are (no
     gradient flows into it); only the embedding layer and the classifier train.
-    `from_features`: `batch['image']` holds the frozen backbone's pooled features."""
+    `from_features`: `batch['image']` holds the frozen backbone's pooled features.
+    uint8 images are normalised first with `normalization` (`runtime.normalize_images`)."""
+    images = runtime.normalize_images(batch["image"], normalization)
 
     # model_state is an argument (not a closure) so that BatchNorm may update it inside
     # the gradient trace.
@@ -162,9 +164,9 @@ def train_step(graphdef, tx, spec: LossSpec, state: TrainState, batch, *, frozen
         if frozen:
             model.backbone.eval()   # BatchNorm uses (and keeps) its running statistics
         if from_features:
-            pooled = batch["image"]
+            pooled = images
         else:
-            pooled = model.pool(batch["image"])
+            pooled = model.pool(images)
             if frozen:
                 pooled = jax.lax.stop_gradient(pooled)
         embedding, aux = model.head(pooled)
@@ -624,9 +626,11 @@ def _train_and_evaluate(config, workdir: str) -> TrainState:
 
 
 def _train_iterator(source, features, stage: Stage):
+    # uint8 batches: train_step normalises them.
     return gdata.make_train_iterator(
         source, stage.data_config, stage.sampler_config, process_index=jax.process_index(),
-        process_count=jax.process_count(), features=features if stage.from_features else None)
+        process_count=jax.process_count(), features=features if stage.from_features else None,
+        normalize=False)
 
 
 def _resume(checkpoints: ckpt.Checkpoints, stages: list[Stage], fresh_state, make_iterator):
@@ -686,7 +690,8 @@ def _train_stage(run: Run, stage: Stage, state, feed: BatchFeed):
     state = jax.device_put(state, stage_shardings)
     step_fn = jax.jit(functools.partial(train_step, run.graphdef, stage.tx, stage.spec,
                                         frozen=stage.frozen,
-                                        from_features=stage.from_features),
+                                        from_features=stage.from_features,
+                                        normalization=str(stage.data_config.normalization)),
                       in_shardings=(stage_shardings, run.data_sharding),
                       out_shardings=(stage_shardings, NamedSharding(run.mesh, P())),
                       donate_argnums=(0,))

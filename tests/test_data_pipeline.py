@@ -63,6 +63,35 @@ def test_digits_train_batches(digits):
     np.testing.assert_array_equal(batch["index"], sampler.batches(1)[1])
 
 
+def test_uint8_batches_are_the_normalised_ones_before_normalising(folder):
+    """normalize=False keeps the images uint8 (the trainer's batches) and changes nothing
+    else; the iterator state is the same, so a checkpoint written by a run that normalised
+    on the host resumes a uint8 iterator at the same batch."""
+    folder = folder.copy_and_resolve_references()
+    folder.skip_corrupt = True   # the corrupt file's eval row is masked in both
+    source = _folder_source(folder)
+    sampler_config = gdata.default_sampler_config("image_folder")
+    sampler_config.update(classes_per_batch=3, samples_per_class=2)
+    floats = gdata.make_train_iterator(source, folder, sampler_config)
+    raw = gdata.make_train_iterator(source, folder, sampler_config, normalize=False)
+    for a, b in zip(_take(floats, 2), _take(raw, 2)):
+        assert b["image"].dtype == np.uint8 and b["image"].shape == a["image"].shape
+        np.testing.assert_array_equal(gdata.normalize(b["image"], "imagenet"), a["image"])
+        np.testing.assert_array_equal(a["index"], b["index"])
+    resumed = gdata.make_train_iterator(source, folder, sampler_config, normalize=False)
+    resumed.set_state(floats.get_state())
+    np.testing.assert_array_equal(next(resumed)["index"], next(floats)["index"])
+    evals = zip(gdata.make_eval_iterator(source, folder, 8),
+                gdata.make_eval_iterator(source, folder, 8, normalize=False))
+    masked = 0
+    for a, b in evals:
+        assert b["image"].dtype == np.uint8
+        np.testing.assert_array_equal(gdata.normalize(b["image"], "imagenet"), a["image"])
+        np.testing.assert_array_equal(a["mask"], b["mask"])
+        masked += int((~b["mask"]).sum())
+    assert masked >= 1
+
+
 def test_resume_through_orbax_gives_the_next_batch(digits, tmp_path):
     config, sampler_config, splits = digits
     it = gdata.make_train_iterator(splits["train"], config, sampler_config)

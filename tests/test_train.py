@@ -1,4 +1,5 @@
 """End-to-end tests of the trainer on the embedded digits config (CPU-sized)."""
+import functools
 import json
 import os
 
@@ -8,6 +9,7 @@ import pytest
 import jax
 from flax import nnx
 
+from gl_jax import data as gdata
 from gl_jax import evaluation
 from gl_jax import runtime
 from gl_jax import train
@@ -505,3 +507,49 @@ def test_final_test_off_then_on_evaluates_the_finished_run_once(tmp_path):
     for key, value in _flat(state.params).items():
         np.testing.assert_array_equal(value, _flat(again.params)[key])
     assert 0.0 < read_results(workdir)["test"]["recall@1"] <= 1.0
+
+
+@pytest.mark.parametrize("normalization", ["caffe_bgr", "imagenet", "tf_lite", "unit"])
+def test_uint8_images_normalised_in_a_jitted_step_equal_the_host_normalisation(normalization):
+    """Every level of every channel (each channel shifted, so that a swapped channel order
+    shows) gives the host's float32 value bit for bit; float input passes unchanged."""
+    images = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    images.reshape(-1, 3)[:256] = (np.arange(256)[:, None] + [0, 85, 170]) % 256
+    on_device = jax.jit(runtime.normalize_images, static_argnums=1)
+    host = gdata.normalize(images, normalization)
+    np.testing.assert_array_equal(np.asarray(on_device(images, normalization)), host)
+    np.testing.assert_array_equal(np.asarray(on_device(host, normalization)), host)
+    with pytest.raises(ValueError, match=r"uint8 images \(2, 16, 16, 3\) need a normalization"):
+        runtime.normalize_images(images, None)
+    with pytest.raises(ValueError, match="normalization='rgb'"):
+        runtime.normalize_images(images, "rgb")
+
+
+def test_uint8_batches_train_and_embed_as_host_normalised_ones():
+    """The trainer's path (uint8 batches, normalised in the step) gives the parameters,
+    BatchNorm statistics, metrics and embeddings of float32 batches normalised on the host."""
+    config = quick_config(model__embedding_dim=16)
+    config.data.normalization = "imagenet"   # a multiply-add on the device would differ
+    splits = runtime.load_splits(config)
+    stage = train.make_stages(config, splits["train"])[-1]
+    raw = next(gdata.make_train_iterator(splits["train"], stage.data_config,
+                                         stage.sampler_config, normalize=False))
+    assert raw["image"].dtype == np.uint8
+    host = dict(raw, image=gdata.normalize(raw["image"], config.data.normalization))
+    model = runtime.build_model(config, splits["train"].num_classes)
+    graphdef, state = runtime.create_train_state(model, stage.tx)
+    step = jax.jit(functools.partial(train.train_step, graphdef, stage.tx, stage.spec,
+                                     normalization=str(config.data.normalization)))
+    keys = ("image", "label")
+    new_u8, metrics_u8 = step(state, {k: raw[k] for k in keys})
+    new_host, metrics_host = step(state, {k: host[k] for k in keys})
+    for a, b in zip(jax.tree.leaves((new_u8, metrics_u8)),
+                    jax.tree.leaves((new_host, metrics_host))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    mesh = runtime.make_mesh(config.mesh)
+    embedder = runtime.Embedder(graphdef, mesh, flip=True)
+    out_u8 = embedder.step(state.params, state.model_state, raw["image"],
+                           normalization=str(config.data.normalization))
+    out_host = embedder.step(state.params, state.model_state, host["image"])
+    for a, b in zip(out_u8, out_host):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

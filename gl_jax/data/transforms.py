@@ -118,3 +118,15 @@ def normalize(images: np.ndarray, normalization: str) -> np.ndarray:
         np.multiply(images[..., c], scale[j], out=channel, dtype=np.float32)
         channel += offset[j]
     return out
+
+
+def normalization_table(normalization: str) -> tuple[tuple[int, ...], np.ndarray]:
+    """(order, table [256, 3] float32) with normalize(x)[..., j] == table[x[..., order[j]], j]
+    bit for bit: `normalize` expressed as a lookup, for normalising uint8 batches on the
+    device (`gl_jax.runtime.normalize_images`). A multiply-add computed there may be fused
+    into one rounding (XLA does so on CPU for `imagenet`) and differ by an ulp; looking up
+    the host's own values cannot."""
+    if normalization not in _PRESETS:
+        raise ValueError(f"normalization={normalization!r} is not one of {NORMALIZATIONS}")
+    levels = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)
+    return _PRESETS[normalization][0], normalize(levels, normalization)
