@@ -134,17 +134,26 @@ def _time_alternating(timers, *, steps: int, min_seconds: float = 0.0,
                       max_steps: int = 50) -> list[tuple[float, float]]:
     """``_time`` for several steps at once, taking turns. Each timer runs its step once and
     returns the seconds it took (``_timer``, or ``TorchTwin`` from its own process). Each
-    is called once (compile + run), then rounds of one timed call of each, in order, until
+    is called once (compile + run), then rounds of one turn of each, in order, until
     there have been `steps` rounds and every one has taken `min_seconds` in all (at most
     `max_steps` rounds). Returns (first, fastest) per timer. Taking turns puts the two
     frameworks' steps side by side in time, so that a shared machine's slower minutes
     fall on both (timed one after the other, minutes apart, the same command's ratios
-    moved by up to 1.5x between runs; docs/models.md)."""
+    moved by up to 1.5x between runs; docs/models.md).
+
+    With several timers a turn is two calls, the second timed: the timed step follows a
+    step of its own, as in a training loop. Timed right after the other framework's step
+    instead, a step pays for the memory it freed seconds before: on a VM that hands
+    memory freed for 2 s back to its host (free page reporting; `python -m
+    experiments.page_reporting`), touching it again costs several times more, and
+    gl_jax's step maps its buffer afresh each step under the default huge pages."""
     firsts = [timer() for timer in timers]
     times = [[] for _ in timers]
     while len(times[0]) < steps or (min(sum(t) for t in times) < min_seconds
                                     and len(times[0]) < max_steps):
         for timer, spent in zip(timers, times):
+            if len(timers) > 1:
+                timer()   # the lead-in step, not timed
             spent.append(timer())
     return [(first, min(spent)) for first, spent in zip(firsts, times)]
 

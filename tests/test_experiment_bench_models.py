@@ -82,13 +82,17 @@ def test_two_steps_are_timed_in_turns_until_both_add_up_to_min_seconds(monkeypat
     timers = [bench_models._timer(a), bench_models._timer(b)]
     (first_a, fast_a), (first_b, fast_b) = bench_models._time_alternating(
         timers, steps=2, min_seconds=0.1)
-    # warm-up a, b, then rounds a, b: after 10 rounds a has spent 0.1 s (b long before)
-    assert order == ["a", "b"] * 11
+    # warm-up a, b, then rounds of turns a a, b b (the first of each untimed): after 10
+    # rounds a's timed calls have spent 0.1 s (b's long before)
+    assert order == ["a", "b"] + ["a", "a", "b", "b"] * 10
     assert fast_a == pytest.approx(0.01) and fast_b == pytest.approx(0.04)
     assert first_b == pytest.approx(0.04)
     order.clear()
     bench_models._time_alternating(timers, steps=3, min_seconds=0.0)
-    assert order == ["a", "b"] * 4
+    assert order == ["a", "b"] + ["a", "a", "b", "b"] * 3
+    order.clear()
+    bench_models._time_alternating(timers[:1], steps=3, min_seconds=0.0)
+    assert order == ["a"] * 4     # alone, every call after the first is timed
 
 
 class _FakeTwin:
@@ -112,7 +116,8 @@ def test_the_pytorch_twin_is_timed_beside_the_step(monkeypatch, capsys):
                         or twins[-1])
     bench_models.main(["--models=small_cnn", "--sizes=16", "--batch=2", "--steps=3",
                        "--min_seconds=0", "--no_forward", "--torch=on"])
-    assert [(t.size, t.calls, t.closed) for t in twins] == [(16, 4, True)]  # warm-up + 3
+    # warm-up + 3 turns of a lead-in and a timed step
+    assert [(t.size, t.calls, t.closed) for t in twins] == [(16, 7, True)]
     row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| small")]
     cells = _cells(row[0])
     assert float(cells[9]) == 4.0 and cells[10].endswith("x")      # 2 images / 0.5 s
