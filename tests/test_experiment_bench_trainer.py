@@ -1,0 +1,21 @@
+"""experiments/bench_trainer.py: the bare step runs the trainer's step on its batches."""
+import argparse
+
+from experiments import bench_trainer
+from gl_jax import train
+
+
+def test_the_bare_step_trains_on_the_trainers_uint8_batches(monkeypatch):
+    seen = []
+    step = train.train_step
+
+    def recording(graphdef, tx, spec, state, batch, **kwargs):
+        seen.append((batch["image"].dtype.name, kwargs.get("normalization")))
+        return step(graphdef, tx, spec, state, batch, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", recording)
+    args = argparse.Namespace(model="small_cnn", size=32, steps=2)
+    seconds = bench_trainer.bare_step(args, lite0="")
+    assert seconds > 0
+    # traced once, on the uint8 batch, with the omniglot config's normalisation
+    assert seen and set(seen) == {("uint8", "unit")}
