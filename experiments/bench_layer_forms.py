@@ -16,6 +16,10 @@ training step of each backbone, interleaved in one process.
               the depthwise kernel gradient reduced per image first ([B, C] per tap,
               then the batch) vs one reduction straight to [C] per tap. Same gradient,
               float32 rounding apart (summation order).
+  padding_taps
+              depthwise and small-output dense convolutions without the kernel taps that
+              read only padding (layers.drop_padding_taps) vs with every tap. Same
+              function; matters on maps smaller than the kernel's reach (32 px inputs).
   batch_norm  training-mode BatchNorm with its hand-written backward pass (two sums) vs
               JAX's autodiff of the same forward (Flax's form). Same function, float32
               rounding apart.
@@ -74,12 +78,18 @@ def per_channel_depthwise_grad(x, g, kernel_shape, stride, padding):
     return jnp.stack(sums).reshape(kh, kw, 1, -1)
 
 
+def every_tap(kernel, in_hw, stride, padding):
+    """The earlier convolutions: no ``layers.drop_padding_taps``, every tap computed."""
+    return kernel, tuple(padding)
+
+
 # --change: (name in layers, earlier form); the current form is whatever layers holds.
 CHANGES = {"activation": ("activation", maximum_form),
            "max_pool": ("_max_pool_shifted", autodiff_max_pool),
            "pointwise": ("conv_general_dilated", native_pointwise),
            "depthwise_grad": ("_depthwise_kernel_grad", per_channel_depthwise_grad),
-           "batch_norm": ("train_batch_norm", layers.batch_norm_autodiff)}
+           "batch_norm": ("train_batch_norm", layers.batch_norm_autodiff),
+           "padding_taps": ("drop_padding_taps", every_tap)}
 
 
 def compare(name: str, size: int, batch: int, rounds: int, change: str) -> dict:

@@ -75,6 +75,10 @@ def test_the_choice_is_made_in_one_place(monkeypatch):
     (11, 4, 3, 2, ((1, 1), (1, 1))),   # PyTorch-style symmetric padding
     (6, 2, 3, 3, ((0, 2), (1, 0))),    # stride 3, asymmetric padding
     (5, 3, 3, 1, "VALID"),
+    (1, 4, 5, 1, "SAME"),        # Lite0's last stages at 32 px: only the centre tap reads input
+    (2, 3, 5, 1, "SAME"),        # 2 x 2 map, 5 x 5 kernel: the middle 3 x 3 taps
+    (2, 3, 5, 2, "SAME"),        # stride 2 onto 1 x 1 (TF pads 1 top, 2 bottom)
+    (3, 2, 3, 2, ((1, 1), (1, 1))),
 ])
 def test_depthwise_conv_matches_native(size, channels, kernel, stride, padding):
     rng = np.random.default_rng(size * 100 + kernel)
@@ -93,7 +97,8 @@ def test_depthwise_conv_matches_native(size, channels, kernel, stride, padding):
 
 @pytest.mark.parametrize("size, kernel, stride, padding", [
     (7, 3, 1, ((1, 1), (1, 1))), (8, 3, 2, ((0, 1), (0, 1))), (9, 5, 2, ((2, 2), (2, 2))),
-    (6, 3, 3, ((0, 2), (1, 0))), (5, 3, 1, ((0, 0), (0, 0)))])
+    (6, 3, 3, ((0, 2), (1, 0))), (5, 3, 1, ((0, 0), (0, 0))),
+    (2, 5, 1, ((2, 2), (2, 2))), (2, 5, 2, ((1, 2), (1, 2)))])   # taps that read only padding
 def test_depthwise_backward_passes_numerical_gradient_checks(size, kernel, stride, padding):
     """The hand-written VJP of depthwise_conv_shifted against finite differences (float64),
     including strides whose windows leave input rows unread."""
@@ -182,6 +187,9 @@ def test_batch_norm_backward_passes_numerical_gradient_checks():
     (1, 4, 4, 3, 1, ((1, 1), (1, 1))),   # a single pixel
     (12, 8, 16, 1, 1, ((0, 0), (0, 0))),  # 1 x 1 (ResNet-50's bottlenecks, Lite0's)
     (11, 4, 6, 1, 2, "VALID"),            # 1 x 1 stride 2 on an odd map (the shortcuts)
+    (2, 4, 5, 3, 2, ((1, 1), (1, 1))),   # ResNet's stride-2 entry at 32 px: 2 x 2 -> 1 x 1
+    (3, 3, 4, 7, 2, ((3, 3), (3, 3))),   # a 7 x 7 kernel larger than the map
+    (4, 3, 2, 3, 2, ((0, 0), (0, 0))),   # unpadded, the last input row unread
 ])
 def test_dense_conv_with_small_output_or_1x1_matches_native(size, in_ch, out_ch, kernel,
                                                             stride, padding):
@@ -198,6 +206,29 @@ def test_dense_conv_with_small_output_or_1x1_matches_native(size, in_ch, out_ch,
     _close(out_c, out_n)
     _close(grads_c[0], grads_n[0])
     _close(grads_c[1], grads_n[1])
+
+
+@pytest.mark.parametrize("in_hw, kernel, stride, padding, rows, cols, new_padding", [
+    ((1, 1), 3, 1, ((1, 1), (1, 1)), (1, 2), (1, 2), ((0, 0), (0, 0))),   # centre tap only
+    ((2, 2), 3, 2, ((1, 1), (1, 1)), (1, 3), (1, 3), ((0, 0), (0, 0))),   # taps 1-2
+    ((2, 2), 5, 1, ((2, 2), (2, 2)), (1, 4), (1, 4), ((1, 1), (1, 1))),   # taps 1-3
+    ((1, 4), 3, 1, ((1, 1), (1, 1)), (1, 2), (0, 3), ((0, 0), (1, 1))),   # one axis only
+    ((2, 2), 5, 2, ((1, 2), (1, 2)), (1, 3), (1, 3), ((0, 0), (0, 0))),   # TF SAME onto 1 x 1
+    ((8, 8), 3, 1, ((1, 1), (1, 1)), (0, 3), (0, 3), ((1, 1), (1, 1))),   # every tap reads
+    ((4, 4), 3, 2, ((0, 0), (0, 0)), (0, 3), (0, 3), ((0, 0), (0, 0))),
+])
+def test_taps_that_read_only_padding_are_dropped(in_hw, kernel, stride, padding, rows, cols,
+                                                 new_padding):
+    w = jnp.arange(kernel * kernel, dtype=jnp.float32).reshape(kernel, kernel, 1, 1)
+    cropped, pads = layers.drop_padding_taps(w, in_hw, (stride, stride), padding)
+    np.testing.assert_array_equal(cropped, w[rows[0]:rows[1], cols[0]:cols[1]])
+    assert pads == new_padding
+    # The matrix multiply of a 3 x 3 convolution of a 1 x 1 map contracts over the input
+    # channels once, not nine times.
+    if in_hw == (1, 1):
+        jaxpr = str(jax.make_jaxpr(lambda x, w: layers.conv_patches_dot(
+            x, w, (1, 1), padding))(jnp.ones((2, 1, 1, 16)), jnp.ones((3, 3, 16, 8))))
+        assert "f32[2,16]" in jaxpr and "f32[144" not in jaxpr
 
 
 def test_which_convolutions_the_cpu_kernels_take():

@@ -1,5 +1,7 @@
 """experiments/bench_layer_forms.py: each earlier form computes what the current one does,
 and a tiny interleaved run per change."""
+from unittest import mock
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -73,6 +75,28 @@ def test_the_autodiff_batch_norm_is_what_the_hand_written_backward_replaces():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+def test_every_tap_computes_the_same_convolutions_as_dropping_padding_taps():
+    """On a 1 x 1 map (3 x 3 dense, 5 x 5 depthwise) the earlier form keeps the whole
+    kernel; outputs and both gradients match."""
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(size=(2, 1, 1, 4)), jnp.float32)
+    dense = jnp.asarray(rng.normal(size=(3, 3, 4, 6)), jnp.float32)
+    depthwise = jnp.asarray(rng.normal(size=(5, 5, 1, 4)), jnp.float32)
+    cases = ((layers.conv_patches_dot, dense, ((1, 1), (1, 1))),
+             (layers.depthwise_conv_shifted, depthwise, ((2, 2), (2, 2))))
+    for conv, w, padding in cases:
+        assert bench_layer_forms.every_tap(w, (1, 1), (1, 1), padding) == (w, padding)
+        results = []
+        for crop in (layers.drop_padding_taps, bench_layer_forms.every_tap):
+            with mock.patch.object(layers, "drop_padding_taps", crop):
+                results.append(jax.value_and_grad(
+                    lambda x, w: jnp.sum(jnp.sin(conv(x, w, (1, 1), padding))),
+                    argnums=(0, 1))(x, w))
+        for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        assert float(jnp.max(jnp.abs(results[0][1][1]))) > 0   # the centre tap's gradient
+
+
 # small_cnn has no 1 x 1 convolution. ResNet-18 at 16 px and batch 2 would end in 1 x 1
 # maps BatchNorm-ed over 2 values, where float32 rounding alone moves the loss by 1e-2
 # (either form against float64); 64 px and batch 4 is well conditioned.
@@ -81,7 +105,8 @@ def test_the_autodiff_batch_norm_is_what_the_hand_written_backward_replaces():
     ("max_pool", "_max_pool_shifted", "small_cnn", 16, 2),
     ("pointwise", "conv_general_dilated", "resnet18", 64, 4),
     ("depthwise_grad", "_depthwise_kernel_grad", "efficientnet_lite0", 32, 2),
-    ("batch_norm", "train_batch_norm", "small_cnn", 16, 2)])
+    ("batch_norm", "train_batch_norm", "small_cnn", 16, 2),
+    ("padding_taps", "drop_padding_taps", "resnet18", 32, 4)])   # 1 x 1 last maps
 def test_a_tiny_run_times_both_forms_and_restores_the_layer(capsys, change, attribute, model,
                                                             size, batch):
     original = getattr(layers, attribute)

@@ -136,10 +136,42 @@ def _out_hw(in_hw, window, stride, padding) -> tuple[int, int]:
 
 
 def _conv_windows(x, window, stride, padding):
-    """((di, dj), window slice) of NHWC ``x`` zero-padded by ``padding``: one per tap of a
-    convolution, each the size of its output."""
-    padded = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+    """((di, dj), window slice) of NHWC ``x`` zero-padded by ``padding`` (a negative pad
+    crops): one per tap of a convolution, each the size of its output."""
+    padded = jax.lax.pad(x, jnp.zeros((), x.dtype),
+                         ((0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)))
     return _window_slices(padded, window, stride, _out_hw(x.shape[1:3], window, stride, padding))
+
+
+def drop_padding_taps(kernel, in_hw, stride, padding):
+    """(kernel, padding) of the same convolution without the kernel rows and columns that
+    read only padding for every output position.
+
+    Such taps multiply zeros: on maps smaller than the kernel's reach (the last stages of
+    the ImageNet-stem networks on 32 px inputs: a 3 x 3 convolution of a 1 x 1 map reads
+    its input with the centre tap only, Lite0's 5 x 5 depthwise ones of a 2 x 2 map with
+    3 x 3 taps) they were most of the work. Along an axis of input length n, taps before
+    lo - (out - 1) * stride read only the low padding and taps from lo + n on only the high
+    padding; the rest keep their offsets (new low padding lo - first) and the high padding
+    becomes what exactly fits the same outputs (negative: unread input rows cut off).
+    Autodiff through the crop gives the dropped taps a zero gradient, as before.
+    """
+    kh, kw = kernel.shape[:2]
+    out_hw = _out_hw(in_hw, (kh, kw), stride, padding)
+    keep, pads = [], []
+    for a, k in enumerate((kh, kw)):
+        (lo, hi), s, n, out = padding[a], stride[a], in_hw[a], out_hw[a]
+        first, last = max(0, lo - (out - 1) * s), min(k - 1, lo + n - 1)
+        if out < 1 or first > last or (first, last) == (0, k - 1):
+            keep.append((0, k))
+            pads.append((lo, hi))
+            continue
+        keep.append((first, last + 1))
+        pads.append((lo - first, (out - 1) * s + last - n - lo + 1))
+    if keep == [(0, kh), (0, kw)]:
+        return kernel, tuple(padding)
+    (r0, r1), (c0, c1) = keep
+    return kernel[r0:r1, c0:c1], tuple(pads)
 
 
 def _depthwise_taps(x, kernel, stride, padding):
@@ -213,10 +245,13 @@ def depthwise_conv_shifted(x: jax.Array, kernel: jax.Array, stride: tuple[int, i
     replaces the native grouped convolution, whose kernel gradient XLA:CPU lowers to a
     dense C x C convolution plus a diagonal extraction (EfficientNet-Lite0's training step
     about 5x faster at 112 px; the hand-written backward about 1.3x faster again than
-    JAX's autodiff of the slice sum).
+    JAX's autodiff of the slice sum). Taps that read only padding are left out first
+    (``drop_padding_taps``).
     """
-    return _depthwise(x, kernel, tuple(int(s) for s in stride),
-                      tuple((int(lo), int(hi)) for lo, hi in padding))
+    stride = tuple(int(s) for s in stride)
+    kernel, padding = drop_padding_taps(kernel, x.shape[1:3], stride,
+                                        tuple((int(lo), int(hi)) for lo, hi in padding))
+    return _depthwise(x, kernel, stride, padding)
 
 
 # A dense convolution whose output is at most this many pixels (the last stage of an
@@ -230,7 +265,9 @@ def conv_patches_dot(x: jax.Array, kernel: jax.Array, stride: tuple[int, int],
                      padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
     """Dense convolution of NHWC ``x`` with an HWIO kernel as [B*oh*ow, kh*kw*I] patches
     (shifted strided slices, concatenated tap-major) times the kernel as a
-    [kh*kw*I, O] matrix: the same function as ``lax.conv_general_dilated``."""
+    [kh*kw*I, O] matrix: the same function as ``lax.conv_general_dilated``. Taps that
+    read only padding are left out first (``drop_padding_taps``)."""
+    kernel, padding = drop_padding_taps(kernel, x.shape[1:3], stride, padding)
     kh, kw, i, o = kernel.shape
     taps = [window for _, window in _conv_windows(x, (kh, kw), stride, padding)]
     patches = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
