@@ -19,6 +19,10 @@ XLA places around the convolutions' gradients inside the network, which a convol
 timed alone gets on plain inputs). Timings are the fastest of --steps calls; compare
 within one run.
 
+--parts adds a table that splits each convolution: its forward alone, forward + input
+gradient and forward + kernel gradient, in both frameworks ("-" for the images' gradient,
+which the network never takes).
+
 --ablate adds gl_jax rows for the same training step with parts of the network replaced
 by nearly free stand-ins of the same shapes, to price them: BatchNorm by the identity,
 every activation by the identity, max pooling by one strided slice, then all three. The
@@ -96,8 +100,24 @@ def input_needs_grad(conv: Conv) -> bool:
     return conv.lhs[-1] != 3
 
 
-def time_jax(conv: Conv, steps: int, seed: int = 0) -> float:
-    """Seconds of the jitted forward + backward of ``conv`` alone."""
+# --parts: which gradients each timed call computes besides the forward (None: all that
+# the network needs, the images' gradient excepted).
+PARTS = {"forward": (), "forward + input gradient": ("input",),
+         "forward + kernel gradient": ("kernel",)}
+
+
+def _wanted(conv: Conv, grads) -> tuple[str, ...]:
+    if grads is None:
+        return ("input", "kernel") if input_needs_grad(conv) else ("kernel",)
+    return tuple(grads)
+
+
+def jax_forward_backward(conv: Conv, seed: int = 0, grads=None):
+    """(jitted function, its arguments): ``conv``'s forward and the gradients ``grads``
+    (a subset of ("input", "kernel"); None: as in the network), as PyTorch's step runs
+    them. The function returns the loss as well as the gradients: with the gradients
+    alone XLA drops the forward convolution (a linear function's gradients do not need
+    its output), and before 5 December this benchmark timed gl_jax without it."""
     rng = np.random.default_rng(seed)
     x = jnp.asarray(rng.standard_normal(conv.lhs), jnp.float32)
     w = jnp.asarray(rng.standard_normal(conv.rhs) * 0.05, jnp.float32)
@@ -109,30 +129,42 @@ def time_jax(conv: Conv, steps: int, seed: int = 0) -> float:
 
     out_shape = jax.eval_shape(apply, x, w).shape
     cotangent = jnp.asarray(rng.standard_normal(out_shape), jnp.float32)
-    argnums = (0, 1) if input_needs_grad(conv) else (1,)
-    grads = jax.jit(jax.grad(lambda x, w: jnp.vdot(apply(x, w), cotangent), argnums))
-    return _fastest(lambda: jax.block_until_ready(grads(x, w)), steps)
+
+    def loss(x, w):
+        return jnp.vdot(apply(x, w), cotangent)
+    argnums = tuple(("input", "kernel").index(g) for g in _wanted(conv, grads))
+    return jax.jit(jax.value_and_grad(loss, argnums) if argnums else loss), (x, w)
 
 
-def time_torch(conv: Conv, steps: int, seed: int = 0) -> float:
-    """Seconds of PyTorch eager's conv2d forward + backward of the same convolution."""
+def time_jax(conv: Conv, steps: int, seed: int = 0, grads=None) -> float:
+    """Seconds of the jitted forward + backward of ``conv`` alone."""
+    fn, args = jax_forward_backward(conv, seed, grads)
+    return _fastest(lambda: jax.block_until_ready(fn(*args)), steps)
+
+
+def time_torch(conv: Conv, steps: int, seed: int = 0, grads=None) -> float:
+    """Seconds of PyTorch eager's conv2d forward + backward of the same convolution (the
+    gradients ``grads``, as in ``jax_forward_backward``)."""
     import torch
     from torch.nn import functional as F
 
+    wanted = _wanted(conv, grads)
     rng = np.random.default_rng(seed)
     x = torch.tensor(rng.standard_normal(conv.lhs).transpose(0, 3, 1, 2).copy(),
-                     dtype=torch.float32, requires_grad=input_needs_grad(conv))
+                     dtype=torch.float32, requires_grad="input" in wanted)
     w = torch.tensor((rng.standard_normal(conv.rhs) * 0.05).transpose(3, 2, 0, 1).copy(),
-                     dtype=torch.float32, requires_grad=True)
+                     dtype=torch.float32, requires_grad="kernel" in wanted)
     (top, bottom), (left, right) = conv.padding
     symmetric = top == bottom and left == right
 
     def step():
         x.grad = w.grad = None
-        inp = x if symmetric else F.pad(x, (left, right, top, bottom))
-        out = F.conv2d(inp, w, stride=conv.stride, padding=(top, left) if symmetric else 0,
-                       groups=conv.groups)
-        out.backward(torch.ones_like(out))
+        with torch.set_grad_enabled(bool(wanted)):
+            inp = x if symmetric else F.pad(x, (left, right, top, bottom))
+            out = F.conv2d(inp, w, stride=conv.stride,
+                           padding=(top, left) if symmetric else 0, groups=conv.groups)
+            if wanted:
+                out.backward(torch.ones_like(out))
 
     return _fastest(step, steps)
 
@@ -180,6 +212,9 @@ def parse_args(argv=None):
                         help="the PyTorch columns (auto: when torch is importable)")
     parser.add_argument("--ablate", action="store_true",
                         help="add the step without BatchNorm / activations / max pooling")
+    parser.add_argument("--parts", action="store_true",
+                        help="add a table of each convolution's forward, forward + input "
+                             "gradient and forward + kernel gradient in both frameworks")
     args = parser.parse_args(argv)
     if args.batch < 1 or args.steps < 1 or args.size < 1:
         parser.error(f"--batch, --steps and --size must be >= 1, got {args.batch}, "
@@ -240,6 +275,17 @@ def main(argv=None):
                 fast = bench_models.bench_one(args.model, size, jnp.float32, step_args)
             lines.append(f"| step without {' + '.join(names)} | | "
                          f"{_ms(args.batch / fast['fwd_bwd'])} | | |")
+    if args.parts:
+        lines += ["", "| convolution | gl_jax ms: " + " / ".join(PARTS) + " | PyTorch ms: "
+                  + " / ".join(PARTS) + " |", "|---|---|---|"]
+        for conv in sorted(convs, key=lambda conv: -np.prod(conv.lhs)):
+            cells = []
+            for timer in (time_jax, time_torch) if use_torch else (time_jax,):
+                cells.append(" / ".join(
+                    _ms(timer(conv, args.steps, grads=grads) if "input" not in grads
+                        or input_needs_grad(conv) else None) for grads in PARTS.values()))
+            cells += ["-"] * (2 - len(cells))
+            lines.append(f"| {describe(conv)} | {cells[0]} | {cells[1]} |")
     print()
     print("\n".join(lines))
 

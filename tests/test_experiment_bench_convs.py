@@ -33,6 +33,39 @@ def test_only_the_convolutions_xla_runs_are_listed():
     assert sum(depthwise.values()) == 16 and all(c.groups == c.lhs[-1] for c in depthwise)
 
 
+def test_the_timed_function_runs_the_forward_convolution_as_pytorch_does():
+    """Forward, input gradient and kernel gradient: three convolutions in the compiled
+    function (two for the stem, whose images need no gradient)."""
+    for conv, expected in [
+            (Conv((2, 9, 9, 4), (3, 3, 4, 5), (1, 1), ((1, 1), (1, 1)), 1), 3),
+            (Conv((2, 9, 9, 3), (3, 3, 3, 5), (2, 2), ((1, 1), (1, 1)), 1), 2)]:
+        fn, args = bench_convs.jax_forward_backward(conv)
+        assert _convolutions(fn, args) == expected
+    conv = Conv((2, 9, 9, 4), (3, 3, 4, 5), (1, 1), ((1, 1), (1, 1)), 1)
+    for grads, expected in [((), 1), (("input",), 2), (("kernel",), 2)]:   # --parts
+        assert _convolutions(*bench_convs.jax_forward_backward(conv, grads=grads)) == expected
+
+
+def _convolutions(fn, args):
+    hlo = fn.lower(*args).compile().as_text()
+    return sum(" convolution(" in line for line in hlo.splitlines())
+
+
+def test_parts_splits_each_convolution_into_forward_and_each_gradient(capsys):
+    bench_convs.main(["--model=small_cnn", "--size=16", "--batch=2", "--steps=1",
+                      "--torch=off", "--parts"])
+    out = capsys.readouterr().out
+    assert "| convolution | gl_jax ms: forward / forward + input gradient / forward + " in out
+    rows = {_cells(line)[0]: _cells(line) for line in out.split("gl_jax ms: forward")[1]
+            .splitlines() if line.startswith("| 3x3")}
+    assert set(rows) == {"3x3/1 3->32 @ 16x16", "3x3/1 32->64 @ 16x16", "3x3/1 64->64 @ 8x8"}
+    for name, row in rows.items():
+        times = row[1].split(" / ")
+        assert len(times) == 3 and row[2] == "-"
+        assert (times[1] == "-") == name.startswith("3x3/1 3->")   # the images: no gradient
+        assert all(float(t) > 0 for t in times if t != "-")
+
+
 def test_a_tiny_run_sums_the_convolutions_it_timed(capsys):
     bench_convs.main(["--model=small_cnn", "--size=16", "--batch=2", "--steps=1",
                       "--torch=off"])
