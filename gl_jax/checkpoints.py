@@ -23,6 +23,7 @@ import zlib
 from absl import logging
 import grain
 import jax
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 KINDS = {"best": "best", "latest": "checkpoints"}   # which -> folder in the workdir
@@ -150,6 +151,11 @@ class _IteratorState:
         return self._state
 
 
+def _processes() -> tuple[int, int]:
+    """(this JAX process's index, the number of processes)."""
+    return jax.process_index(), jax.process_count()
+
+
 class Checkpoints:
     """Latest checkpoints (state + data iterator + bookkeeping) and the best one."""
 
@@ -161,8 +167,16 @@ class Checkpoints:
 
     def _finish(self, manager: ocp.CheckpointManager, step: int) -> None:
         manager.wait_until_finished()
-        if jax.process_index() == 0:
-            write_manifest(os.path.join(str(manager.directory), str(step)))
+        directory = os.path.join(str(manager.directory), str(step))
+        index, count = _processes()
+        if index == 0:
+            write_manifest(directory)
+        if count > 1:
+            # Process 0 writes the manifest; every process may read it next (the best
+            # model is restored on all of them). One that looked before it was written
+            # took the checkpoint for an unfinished save and skipped it while the others
+            # restored it, and the processes' collectives no longer matched: a hang.
+            multihost_utils.sync_global_devices(f"gl_jax checkpoint manifest {directory}")
 
     def save(self, state, iterator, meta: dict) -> None:
         """`iterator`: anything with grain's `get_state()` (a grain iterator, a

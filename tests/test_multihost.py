@@ -45,16 +45,48 @@ def _launch(workdir, port, process_id):
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log
 
 
+@pytest.mark.parametrize("process", [0, 1])
+def test_no_process_reads_a_checkpoint_before_its_manifest_is_written(
+        tmp_path, monkeypatch, process):
+    """With several processes, saving ends in a barrier that process 0 reaches only after
+    writing the manifest: a process that went on at once found no manifest, skipped the
+    best checkpoint the others restored, and the run hung (seen in the two-process test)."""
+    import ml_collections
+    from jax.experimental import multihost_utils
+    from gl_jax import checkpoints as ckpt
+
+    config = ml_collections.ConfigDict({"checkpoint": {"max_to_keep": 2}})
+    checkpoints = ckpt.Checkpoints(str(tmp_path), config)
+    barriers = []
+
+    def barrier(name):
+        directory = os.path.join(str(tmp_path), "best", "3")
+        barriers.append((name, os.path.exists(os.path.join(directory, ckpt.MANIFEST))))
+
+    monkeypatch.setattr(ckpt, "_processes", lambda: (process, 2))
+    monkeypatch.setattr(multihost_utils, "sync_global_devices", barrier)
+    checkpoints.save_best({"w": np.ones(3, np.float32)}, 3, {"step": 3})
+    checkpoints.close()
+    assert len(barriers) == 1 and "best/3" in barriers[0][0]
+    assert barriers[0][1] == (process == 0)    # process 0 had written it by then
+
+
 @pytest.mark.slow
 def test_two_processes_train_what_one_process_trains(tmp_path):
     workdir = str(tmp_path / "two_hosts" / "run")
     os.makedirs(workdir)
     port = _free_port()
     procs = [_launch(workdir, port, i) for i in (0, 1)]
-    deadline = time.time() + 600
-    for proc, log in procs:
-        proc.wait(timeout=max(1.0, deadline - time.time()))
-        log.close()
+    deadline = time.time() + 300      # about 20 s when all is well
+    try:
+        for proc, _ in procs:
+            proc.wait(timeout=max(1.0, deadline - time.time()))
+    finally:
+        for proc, log in procs:       # a hung pair must not outlive the test
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log.close()
     for i, (proc, _) in enumerate(procs):
         text = open(tmp_path / "two_hosts" / f"process{i}.log").read()
         assert proc.returncode == 0, f"process {i} failed:\n{text[-3000:]}"
