@@ -23,6 +23,18 @@ within one run.
 gradient and forward + kernel gradient, in both frameworks ("-" for the images' gradient,
 which the network never takes).
 
+--kernel_grad adds a table of each convolution's kernel gradient alone (no forward, no
+input gradient), computed four ways in gl_jax, beside PyTorch's: XLA's convolution (what
+autodiff of the convolution gives, and what gl_jax runs), the per-tap matrix products
+(one [N*H*W, C_in]^T [N*H*W, C_out] product per kernel tap, each over a shifted window of
+the input), the patch matrix product (the windows side by side, one product), and, for
+stride 1, the flat-row products (input rows padded and laid end to end, so that every
+tap's window is one contiguous run of the flattened input, a shift instead of a strided
+window); with each form's GFLOP/s, the least any per-tap form can cost (one tap's product
+on contiguous operands, times the taps) and XLA:CPU's rate on a square matrix product. It
+asks whether the kernel gradient, the weakest part of XLA:CPU's convolutions on large
+maps, can be written faster in XLA's own ops.
+
 --ablate adds gl_jax rows for the same training step with parts of the network replaced
 by nearly free stand-ins of the same shapes, to price them: BatchNorm by the identity,
 every activation by the identity, max pooling by one strided slice, then all three. The
@@ -169,6 +181,152 @@ def time_torch(conv: Conv, steps: int, seed: int = 0, grads=None) -> float:
     return _fastest(step, steps)
 
 
+def kernel_grad_flops(conv: Conv) -> float:
+    n, h, w, c = conv.lhs
+    kh, kw, _, o = conv.rhs
+    oh, ow = layers._out_hw((h, w), (kh, kw), conv.stride, conv.padding)
+    return 2.0 * n * oh * ow * kh * kw * c * o // conv.groups
+
+
+def _by_convolution(conv: Conv):
+    def grad(x, g):
+        def apply(w):
+            return jax.lax.conv_general_dilated(x, w, conv.stride, conv.padding,
+                                                dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jax.vjp(apply, jnp.zeros(conv.rhs, x.dtype))[1](g)[0]
+    return grad
+
+
+def _per_tap_products(conv: Conv):
+    kh, kw, c, o = conv.rhs
+
+    def grad(x, g):
+        taps = [jnp.einsum("nhwc,nhwo->co", window, g)
+                for _, window in layers._conv_windows(x, (kh, kw), conv.stride, conv.padding)]
+        return jnp.stack(taps).reshape(conv.rhs)
+    return grad
+
+
+def _patch_product(conv: Conv):
+    kh, kw, c, o = conv.rhs
+
+    def grad(x, g):
+        patches = jnp.concatenate([window for _, window in layers._conv_windows(
+            x, (kh, kw), conv.stride, conv.padding)], axis=-1)
+        product = jax.lax.dot_general(patches.reshape(-1, kh * kw * c), g.reshape(-1, o),
+                                      (((0,), (0,)), ((), ())))
+        return product.reshape(conv.rhs)
+    return grad
+
+
+def _flat_row_products(conv: Conv):
+    """Stride 1 only. The padded input's rows laid end to end (row length wp): the output
+    pixel at flat position f reads tap (i, j) at f + i * wp + j, so each tap's operand is
+    one contiguous run of the flattened input. The cotangent gets kw - 1 zero columns per
+    row (the positions whose windows would wrap into the next row) and as many rows as the
+    padded input, so that both flatten to the same length."""
+    n, h, w, c = conv.lhs
+    kh, kw, _, o = conv.rhs
+    (top, bottom), (left, right) = conv.padding
+    hp, wp = h + top + bottom, w + left + right
+    oh, ow = hp - kh + 1, wp - kw + 1
+
+    def grad(x, g):
+        xp = jax.lax.pad(x, jnp.zeros((), x.dtype),
+                         ((0, 0, 0), (top, bottom, 0), (left, right, 0), (0, 0, 0)))
+        flat_x = jnp.pad(xp.reshape(n * hp * wp, c), ((0, (kh - 1) * wp + kw - 1), (0, 0)))
+        flat_g = jnp.pad(g, ((0, 0), (0, hp - oh), (0, wp - ow), (0, 0))).reshape(-1, o)
+        rows = flat_g.shape[0]
+        taps = [jax.lax.dot_general(flat_x[i * wp + j:i * wp + j + rows], flat_g,
+                                    (((0,), (0,)), ((), ())))
+                for i in range(kh) for j in range(kw)]
+        return jnp.stack(taps).reshape(conv.rhs)
+    return grad
+
+
+# --kernel_grad: name -> (conv -> function(x, cotangent) -> kernel gradient, or None where
+# the form does not apply).
+KERNEL_GRAD_FORMS = {
+    "XLA convolution": _by_convolution,
+    "per-tap products": _per_tap_products,
+    "patch product": _patch_product,
+    "flat-row products": lambda conv: (_flat_row_products(conv) if conv.stride == (1, 1)
+                                       and conv.groups == 1 else None),
+}
+
+
+def kernel_grad_inputs(conv: Conv, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    n, h, w, _ = conv.lhs
+    oh, ow = layers._out_hw((h, w), conv.rhs[:2], conv.stride, conv.padding)
+    x = jnp.asarray(rng.standard_normal(conv.lhs), jnp.float32)
+    g = jnp.asarray(rng.standard_normal((n, oh, ow, conv.rhs[-1])), jnp.float32)
+    return x, g
+
+
+def time_kernel_grads(conv: Conv, steps: int, use_torch: bool) -> dict[str, float | None]:
+    """Seconds of the fastest of ``steps`` calls of each kernel-gradient form (None where
+    it does not apply), and PyTorch's ("PyTorch", with ``use_torch``)."""
+    x, g = kernel_grad_inputs(conv)
+    times = {}
+    for name, form in KERNEL_GRAD_FORMS.items():
+        fn = form(conv) if conv.groups == 1 else None
+        if fn is None:
+            times[name] = None
+            continue
+        fn = jax.jit(fn)
+        times[name] = _fastest(lambda: jax.block_until_ready(fn(x, g)), steps)
+    times[TAP_FLOOR] = time_tap_floor(conv, steps) if conv.groups == 1 else None
+    if use_torch:
+        times["PyTorch"] = time_torch_kernel_grad(conv, steps, x, g)
+    return times
+
+
+# The least any per-tap form can cost: one tap's matrix product on operands already laid
+# out contiguously, times the number of taps (no window copied).
+TAP_FLOOR = "tap products without copies"
+
+
+def time_tap_floor(conv: Conv, steps: int) -> float:
+    n, h, w, c = conv.lhs
+    kh, kw, _, o = conv.rhs
+    oh, ow = layers._out_hw((h, w), (kh, kw), conv.stride, conv.padding)
+    rng = np.random.default_rng(0)
+    a = jnp.asarray(rng.standard_normal((n * oh * ow, c)), jnp.float32)
+    b = jnp.asarray(rng.standard_normal((n * oh * ow, o)), jnp.float32)
+    product = jax.jit(lambda a, b: jax.lax.dot_general(a, b, (((0,), (0,)), ((), ()))))
+    return kh * kw * _fastest(lambda: jax.block_until_ready(product(a, b)), steps)
+
+
+def square_matmul_gflops(steps: int, n: int = 2048) -> float:
+    """XLA:CPU's rate on a square float32 matrix product, the machine's reference."""
+    rng = np.random.default_rng(0)
+    a, b = (jnp.asarray(rng.standard_normal((n, n)), jnp.float32) for _ in range(2))
+    product = jax.jit(jnp.matmul)
+    return 2.0 * n ** 3 / _fastest(lambda: jax.block_until_ready(product(a, b)), steps) / 1e9
+
+
+def time_torch_kernel_grad(conv: Conv, steps: int, x, g) -> float:
+    """PyTorch's kernel gradient alone (aten's convolution_backward asked for the weight
+    only), on the same input and cotangent in NCHW."""
+    import torch
+    from torch.nn import functional as F
+
+    (top, bottom), (left, right) = conv.padding
+    xt = torch.tensor(np.asarray(x).transpose(0, 3, 1, 2).copy())
+    if (top, left) != (bottom, right):
+        xt, pad = F.pad(xt, (left, right, top, bottom)), [0, 0]
+    else:
+        pad = [top, left]
+    gt = torch.tensor(np.asarray(g).transpose(0, 3, 1, 2).copy())
+    w = torch.zeros(conv.rhs[::-1][:2] + conv.rhs[:2])      # [O, I, kh, kw]
+
+    def step():
+        torch.ops.aten.convolution_backward(gt, xt, w, None, list(conv.stride), pad, [1, 1],
+                                            False, [0, 0], conv.groups, [False, True, False])
+    return _fastest(step, steps)
+
+
 def describe(conv: Conv) -> str:
     n, h, w, c = conv.lhs
     kh, kw, _, o = conv.rhs
@@ -210,6 +368,9 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=5, help="timed calls (after 1 warm-up)")
     parser.add_argument("--torch", choices=("auto", "on", "off"), default="auto",
                         help="the PyTorch columns (auto: when torch is importable)")
+    parser.add_argument("--kernel_grad", action="store_true",
+                        help="add a table of each convolution's kernel gradient alone in "
+                             "four forms written in XLA ops, beside PyTorch's")
     parser.add_argument("--ablate", action="store_true",
                         help="add the step without BatchNorm / activations / max pooling")
     parser.add_argument("--parts", action="store_true",
@@ -228,6 +389,29 @@ def _ms(seconds):
 
 def _ratio(torch_s, jax_s):
     return "-" if torch_s is None else f"{torch_s / jax_s:.2f}x"
+
+
+def kernel_grad_table(convs, steps: int, use_torch: bool) -> str:
+    """--kernel_grad: ms and GFLOP/s of each form per distinct convolution, and the sums
+    over the network (a form that does not apply counts as XLA's convolution there)."""
+    names = list(KERNEL_GRAD_FORMS) + [TAP_FLOOR] + (["PyTorch"] if use_torch else [])
+    lines = ["| kernel gradient of | calls | " + " | ".join(f"{n} ms (GFLOP/s)" for n in names)
+             + " |", "|---|---|" + "---|" * len(names)]
+    totals = dict.fromkeys(names, 0.0)
+    for conv, calls in sorted(convs.items(), key=lambda item: -np.prod(item[0].lhs)):
+        times = time_kernel_grads(conv, steps, use_torch)
+        flops = kernel_grad_flops(conv)
+        for name in names:
+            totals[name] += calls * (times[name] if times[name] is not None
+                                     else times["XLA convolution"])
+        lines.append(f"| {describe(conv)} | {calls} | " + " | ".join(
+            "-" if times[n] is None else f"{_ms(times[n])} ({flops / times[n] / 1e9:.0f})"
+            for n in names) + " |")
+    lines.append(f"| sum x calls | {sum(convs.values())} | "
+                 + " | ".join(_ms(totals[n]) for n in names) + " |")
+    lines.append(f"\nXLA:CPU square matrix product (2048 x 2048 x 2048): "
+                 f"{square_matmul_gflops(steps):.0f} GFLOP/s")
+    return "\n".join(lines)
 
 
 def main(argv=None):
@@ -286,6 +470,8 @@ def main(argv=None):
                         or input_needs_grad(conv) else None) for grads in PARTS.values()))
             cells += ["-"] * (2 - len(cells))
             lines.append(f"| {describe(conv)} | {cells[0]} | {cells[1]} |")
+    if args.kernel_grad:
+        lines += ["", kernel_grad_table(convs, args.steps, use_torch)]
     print()
     print("\n".join(lines))
 

@@ -1,4 +1,8 @@
 """experiments/bench_convs.py: the convolutions it finds in a backbone, and a tiny run."""
+import jax
+import numpy as np
+import pytest
+
 from experiments import bench_convs
 from experiments.bench_convs import Conv
 from gl_jax.models import layers
@@ -110,3 +114,65 @@ def test_ablate_adds_one_row_per_stand_in_and_one_for_all(capsys):
     assert names == ["step without BatchNorm", "step without activations",
                      "step without max pooling",
                      "step without BatchNorm + activations + max pooling"]
+
+
+def _kernel_grad_reference(x, g, conv):
+    """The kernel gradient from its definition in float64: dW[i, j, c, o] = sum over n, h,
+    w of x_padded[n, h * sh + i, w * sw + j, c] * g[n, h, w, o]."""
+    (top, bottom), (left, right) = conv.padding
+    xp = np.pad(np.asarray(x, np.float64), ((0, 0), (top, bottom), (left, right), (0, 0)))
+    g = np.asarray(g, np.float64)
+    kh, kw, c, o = conv.rhs
+    (sh, sw), (_, oh, ow, _) = conv.stride, g.shape
+    out = np.zeros(conv.rhs)
+    for i in range(kh):
+        for j in range(kw):
+            window = xp[:, i:i + (oh - 1) * sh + 1:sh, j:j + (ow - 1) * sw + 1:sw, :]
+            out[i, j] = np.einsum("nhwc,nhwo->co", window, g)
+    return out
+
+
+KERNEL_GRAD_CASES = [
+    Conv((2, 9, 9, 4), (3, 3, 4, 5), (1, 1), ((1, 1), (1, 1)), 1),
+    Conv((2, 9, 7, 3), (3, 3, 3, 6), (1, 1), ((0, 2), (1, 0)), 1),    # uneven padding
+    Conv((2, 9, 9, 3), (7, 7, 3, 4), (2, 2), ((3, 3), (3, 3)), 1),    # a stem
+    Conv((3, 8, 8, 5), (3, 3, 5, 2), (2, 2), ((1, 1), (1, 1)), 1),
+    Conv((2, 5, 5, 4), (1, 1, 4, 3), (1, 1), ((0, 0), (0, 0)), 1),
+]
+
+
+@pytest.mark.parametrize("conv", KERNEL_GRAD_CASES, ids=bench_convs.describe)
+def test_every_kernel_gradient_form_is_the_kernel_gradient(conv):
+    x, g = bench_convs.kernel_grad_inputs(conv, seed=3)
+    expected = _kernel_grad_reference(x, g, conv)
+    applied = 0
+    for name, form in bench_convs.KERNEL_GRAD_FORMS.items():
+        fn = form(conv)
+        if fn is None:
+            assert name == "flat-row products" and conv.stride != (1, 1)
+            continue
+        got = np.asarray(jax.jit(fn)(x, g))
+        assert got.shape == conv.rhs, name
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4, err_msg=name)
+        applied += 1
+    assert applied == (4 if conv.stride == (1, 1) else 3)
+
+
+def test_kernel_grad_table_prices_each_form(capsys):
+    bench_convs.main(["--model=small_cnn", "--size=16", "--batch=2", "--steps=1",
+                      "--torch=off", "--kernel_grad"])
+    out = capsys.readouterr().out
+    table = out.split("| kernel gradient of |")[1].splitlines()
+    header = _cells("| kernel gradient of |" + table[0])
+    assert header[2:] == [f"{name} ms (GFLOP/s)" for name in
+                          [*bench_convs.KERNEL_GRAD_FORMS, bench_convs.TAP_FLOOR]]
+    rows = [_cells(line) for line in table[2:] if line.startswith("| 3x3")]
+    assert rows and all(len(row) == len(header) for row in rows)
+    for row in rows:
+        for cell in row[2:]:
+            ms, gflops = cell.split(" (")
+            assert float(ms) > 0 and float(gflops.rstrip(")")) >= 0
+    total = [_cells(line) for line in table if line.startswith("| sum x calls")][0]
+    assert all(float(cell) > 0 for cell in total[2:])
+    rate = out.split("XLA:CPU square matrix product (2048 x 2048 x 2048): ")[1].split()[0]
+    assert float(rate) > 0
