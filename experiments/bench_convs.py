@@ -251,7 +251,7 @@ KERNEL_GRAD_FORMS = {
     "per-tap products": _per_tap_products,
     "patch product": _patch_product,
     "flat-row products": lambda conv: (_flat_row_products(conv) if conv.stride == (1, 1)
-                                       and conv.groups == 1 else None),
+                                       else None),
 }
 
 
@@ -306,9 +306,9 @@ def square_matmul_gflops(steps: int, n: int = 2048) -> float:
     return 2.0 * n ** 3 / _fastest(lambda: jax.block_until_ready(product(a, b)), steps) / 1e9
 
 
-def time_torch_kernel_grad(conv: Conv, steps: int, x, g) -> float:
-    """PyTorch's kernel gradient alone (aten's convolution_backward asked for the weight
-    only), on the same input and cotangent in NCHW."""
+def torch_kernel_grad(conv: Conv, x, g):
+    """A call of PyTorch's kernel gradient alone (aten's convolution_backward asked for
+    the weight only) on the same input and cotangent in NCHW; it returns [O, I, kh, kw]."""
     import torch
     from torch.nn import functional as F
 
@@ -321,10 +321,15 @@ def time_torch_kernel_grad(conv: Conv, steps: int, x, g) -> float:
     gt = torch.tensor(np.asarray(g).transpose(0, 3, 1, 2).copy())
     w = torch.zeros(conv.rhs[::-1][:2] + conv.rhs[:2])      # [O, I, kh, kw]
 
-    def step():
-        torch.ops.aten.convolution_backward(gt, xt, w, None, list(conv.stride), pad, [1, 1],
-                                            False, [0, 0], conv.groups, [False, True, False])
-    return _fastest(step, steps)
+    def call():
+        return torch.ops.aten.convolution_backward(
+            gt, xt, w, None, list(conv.stride), pad, [1, 1], False, [0, 0], conv.groups,
+            [False, True, False])[1]
+    return call
+
+
+def time_torch_kernel_grad(conv: Conv, steps: int, x, g) -> float:
+    return _fastest(torch_kernel_grad(conv, x, g), steps)
 
 
 def describe(conv: Conv) -> str:

@@ -135,6 +135,7 @@ def _kernel_grad_reference(x, g, conv):
 KERNEL_GRAD_CASES = [
     Conv((2, 9, 9, 4), (3, 3, 4, 5), (1, 1), ((1, 1), (1, 1)), 1),
     Conv((2, 9, 7, 3), (3, 3, 3, 6), (1, 1), ((0, 2), (1, 0)), 1),    # uneven padding
+    Conv((2, 7, 9, 3), (3, 5, 3, 4), (1, 1), ((1, 1), (2, 2)), 1),    # 3 x 5
     Conv((2, 9, 9, 3), (7, 7, 3, 4), (2, 2), ((3, 3), (3, 3)), 1),    # a stem
     Conv((3, 8, 8, 5), (3, 3, 5, 2), (2, 2), ((1, 1), (1, 1)), 1),
     Conv((2, 5, 5, 4), (1, 1, 4, 3), (1, 1), ((0, 0), (0, 0)), 1),
@@ -156,6 +157,14 @@ def test_every_kernel_gradient_form_is_the_kernel_gradient(conv):
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4, err_msg=name)
         applied += 1
     assert applied == (4 if conv.stride == (1, 1) else 3)
+
+
+@pytest.mark.parametrize("conv", KERNEL_GRAD_CASES, ids=bench_convs.describe)
+def test_pytorchs_timed_kernel_gradient_is_the_kernel_gradient(conv):
+    pytest.importorskip("torch")
+    x, g = bench_convs.kernel_grad_inputs(conv, seed=4)
+    got = bench_convs.torch_kernel_grad(conv, x, g)().numpy().transpose(2, 3, 1, 0)
+    np.testing.assert_allclose(got, _kernel_grad_reference(x, g, conv), rtol=1e-5, atol=1e-4)
 
 
 def test_kernel_grad_table_prices_each_form(capsys):
