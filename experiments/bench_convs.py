@@ -188,17 +188,20 @@ def kernel_grad_flops(conv: Conv) -> float:
     return 2.0 * n * oh * ow * kh * kw * c * o // conv.groups
 
 
-def _by_convolution(conv: Conv):
+def _kernel_vjp(conv: Conv, apply):
+    """(x, cotangent) -> the gradient of ``apply(x, kernel)`` with respect to the kernel."""
     def grad(x, g):
-        def apply(w):
-            return jax.lax.conv_general_dilated(x, w, conv.stride, conv.padding,
-                                                dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        return jax.vjp(apply, jnp.zeros(conv.rhs, x.dtype))[1](g)[0]
+        return jax.vjp(lambda w: apply(x, w), jnp.zeros(conv.rhs, x.dtype))[1](g)[0]
     return grad
 
 
+def _by_convolution(conv: Conv):
+    return _kernel_vjp(conv, lambda x, w: jax.lax.conv_general_dilated(
+        x, w, conv.stride, conv.padding, dimension_numbers=("NHWC", "HWIO", "NHWC")))
+
+
 def _per_tap_products(conv: Conv):
-    kh, kw, c, o = conv.rhs
+    kh, kw = conv.rhs[:2]
 
     def grad(x, g):
         taps = [jnp.einsum("nhwc,nhwo->co", window, g)
@@ -208,15 +211,10 @@ def _per_tap_products(conv: Conv):
 
 
 def _patch_product(conv: Conv):
-    kh, kw, c, o = conv.rhs
-
-    def grad(x, g):
-        patches = jnp.concatenate([window for _, window in layers._conv_windows(
-            x, (kh, kw), conv.stride, conv.padding)], axis=-1)
-        product = jax.lax.dot_general(patches.reshape(-1, kh * kw * c), g.reshape(-1, o),
-                                      (((0,), (0,)), ((), ())))
-        return product.reshape(conv.rhs)
-    return grad
+    """Autodiff of gl_jax's own patch-matrix convolution (layers.conv_patches_dot): the
+    transposed patch matrix times the cotangent."""
+    return _kernel_vjp(conv, lambda x, w: layers.conv_patches_dot(x, w, conv.stride,
+                                                                  conv.padding))
 
 
 def _flat_row_products(conv: Conv):
