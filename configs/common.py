@@ -29,6 +29,9 @@ def get_config(dataset: str = "digits") -> ml_collections.ConfigDict:
     config.model.bn_momentum = -1.0     # < 0 = the backbone's default (Flax convention)
     config.model.bn_epsilon = -1.0      # < 0 = the backbone's default
     config.model.dtype = "float32"      # 'bfloat16' on accelerators; parameters stay float32
+    # 'auto' | 'on' | 'off': the CPU forms of a few layers (gl_jax/models/cpu_kernels.py,
+    # the same function, faster on XLA:CPU); auto = on when JAX's backend is the CPU.
+    config.model.cpu_kernels = "auto"
     config.model.init_from = ""         # an Orbax checkpoint from gl_jax.convert_weights
     # Head-only training: the backbone's parameters and BatchNorm statistics stay fixed,
     # only the embedding layer and the classifier train. Its features of every split are

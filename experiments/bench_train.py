@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from gl_jax import models
+from gl_jax import optimizer
 from gl_jax import runtime
 from gl_jax import train
 
@@ -62,7 +63,7 @@ def bench_model(name, args):
     num_classes = 100
     config = make_config(name, args.size, args.dtype)
     model = runtime.build_model(config, num_classes)
-    tx = train.make_optimizer(1e-4, weight_decay=1e-5)
+    tx = optimizer.make_optimizer(1e-4, weight_decay=1e-5)
     graphdef, state = runtime.create_train_state(model, tx)
     rng = np.random.default_rng(0)
     batch = {"image": jnp.asarray(rng.normal(size=(54, args.size, args.size, 3)), jnp.float32),
@@ -107,7 +108,8 @@ def main():
     print(f"jax {jax.__version__}, {jax.device_count()} x {jax.devices()[0].device_kind}; "
           f"batch 6 x 9 = 54 at {args.size} px, {args.dtype}, median of {args.steps} steps"
           f"{', grain pipeline feeding' if args.pipeline else ''}\n")
-    print("| backbone | params | GL step s | GL images/s | CE-only step s | GL / CE time | compile s |")
+    print("| backbone | params | GL step s | GL images/s | CE-only step s | GL / CE time "
+          "| compile s |")
     print("|---|---|---|---|---|---|---|")
     for name in args.models.split(","):
         r, params = bench_model(name, args)

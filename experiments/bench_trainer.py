@@ -28,8 +28,6 @@ import sys
 import tempfile
 import time
 
-from gl_jax import host_memory
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "gl_jax", "experiments")
 
@@ -122,5 +120,4 @@ def main():
 
 
 if __name__ == "__main__":
-    host_memory.restart_with_tuned_malloc()    # as `python -m gl_jax.main` runs
     main()

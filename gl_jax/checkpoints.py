@@ -26,12 +26,11 @@ import jax
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
+# What a restore from a workdir's checkpoints fails with; callers catch it from here.
+from gl_jax.errors import NoUsableCheckpointError  # noqa: F401
+
 KINDS = {"best": "best", "latest": "checkpoints"}   # which -> folder in the workdir
 MANIFEST = "gl_jax_checksums.json"
-
-
-class NoUsableCheckpointError(RuntimeError):
-    """Checkpoints exist but none of them can be restored in full."""
 
 
 # ---------------------------------------------------------------------------- checksums

@@ -18,14 +18,13 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from gl_jax import checkpoints
 from gl_jax import workdir_lock
-from gl_jax.train import NonFiniteLossError
+from gl_jax.errors import NoUsableCheckpointError
+from gl_jax.errors import NonFiniteLossError
 
 # Raised on purpose by gl_jax (and config files) about what the user gave.
 _USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError,
-                workdir_lock.WorkdirBusyError, checkpoints.NoUsableCheckpointError,
-                NonFiniteLossError)
+                workdir_lock.WorkdirBusyError, NoUsableCheckpointError, NonFiniteLossError)
 _OUR_CODE = (os.path.dirname(os.path.abspath(__file__)),
              os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                           "configs"))

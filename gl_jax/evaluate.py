@@ -9,14 +9,6 @@
 `--evaluate.<field>` overrides a field of `gl_jax.ablation.default_settings()` (which
 strategies, their values, the checkpoint, the output folder, the pictures).
 """
-
-from gl_jax import host_memory
-
-if __name__ == "__main__":
-    # First, before JAX and the data libraries load (the restart repeats what ran before):
-    # XLA:CPU's step buffers kept in the heap, see gl_jax/host_memory.py.
-    host_memory.restart_with_tuned_malloc()
-
 from absl import app
 from absl import flags
 from ml_collections import config_flags

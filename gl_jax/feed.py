@@ -1,10 +1,9 @@
 """The trainer's input: global batches, the next one fetched while the current step runs.
 
-With `GL_JAX_HOST_MALLOC=reuse` (gl_jax.host_memory) JAX runs each CPU computation on
-the thread that calls it, so the step no longer returns before it is done; the host's work
-for the next batch (grain's last stage in this process, the copy into a global array)
-would then wait for the step instead of overlapping it. One thread fetches a batch ahead
-of the loop, whatever the dispatch. Image batches arrive uint8 (the step normalises them).
+The host's work for the next batch (grain's last stage in this process, the copy into a
+global array) overlaps the running step: one thread fetches a batch ahead of the loop,
+whatever JAX's dispatch does (on some backends a computation runs on the calling
+thread). Image batches arrive uint8 (the step normalises them).
 
 A checkpoint must hold the position after the last batch the loop *took*, not after the
 one fetched ahead: `get_state` is the iterator's state from just before that fetch, so a

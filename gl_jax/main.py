@@ -4,14 +4,6 @@ Any config field can be overridden, e.g. `--config.optimizer.lr=1e-4`; a config 
 take an argument after a colon (`configs/cars196.py:quick`). Running the same command
 again resumes from the last checkpoint in DIR.
 """
-
-from gl_jax import host_memory
-
-if __name__ == "__main__":
-    # First, before JAX and the data libraries load (the restart repeats what ran before):
-    # XLA:CPU's step buffers kept in the heap, see gl_jax/host_memory.py.
-    host_memory.restart_with_tuned_malloc()
-
 from absl import app
 from absl import flags
 from absl import logging

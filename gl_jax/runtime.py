@@ -49,7 +49,8 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nnx.Modu
         leak=None if m.leak < 0 else float(m.leak),
         bn_momentum=None if m.bn_momentum < 0 else float(m.bn_momentum),
         bn_epsilon=None if m.bn_epsilon < 0 else float(m.bn_epsilon),
-        dtype=jnp.dtype(m.dtype), rngs=nnx.Rngs(int(config.seed)))
+        dtype=jnp.dtype(m.dtype), cpu_kernels=str(m.cpu_kernels),
+        rngs=nnx.Rngs(int(config.seed)))
     if m.init_from:
         from gl_jax import weights  # only needed when starting from converted weights
         weights.load_pretrained(model, m.init_from, arch=m.name)

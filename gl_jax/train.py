@@ -16,20 +16,18 @@ replicated (or sharded with `mesh.shard_params`), and the loss sees the whole gl
 Checkpoints (Orbax) hold the state, the data iterator's position and the run's
 bookkeeping, so that a restarted run continues exactly where the last one stopped.
 
-Shared machinery (mesh, model, TrainState, checkpoints, embedding, the evaluation
-protocol) lives in `gl_jax.runtime`, `gl_jax.checkpoints` and `gl_jax.protocol`; nothing
-but the command line and this module's test imports this module.
+Beside it: the config checks (`gl_jax.config_checks`), the optimizers (`gl_jax.optimizer`),
+SIGTERM handling (`gl_jax.preemption`), what the run prints and writes (`gl_jax.report`),
+and the machinery it shares with the evaluator (mesh, model, TrainState, checkpoints,
+embedding, the evaluation protocol: `gl_jax.runtime`, `gl_jax.checkpoints`,
+`gl_jax.protocol`). Of gl_jax, only the command lines (`main`, `sweep`) import this module.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
-import signal
-import sys
-import threading
 from typing import Any, Callable
 
 from absl import logging
@@ -38,80 +36,26 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import ml_collections
-import numpy as np
 import optax
 import tqdm
 
 from gl_jax import checkpoints as ckpt
 from gl_jax import data as gdata
-from gl_jax.feed import BatchFeed
-from gl_jax import host_memory
 from gl_jax import metric_writers
-from gl_jax import models
 from gl_jax import protocol
+from gl_jax import report
 from gl_jax import runtime
 from gl_jax import workdir_lock
+from gl_jax.config_checks import validate_config
+from gl_jax.errors import NoUsableCheckpointError
+from gl_jax.feed import BatchFeed
 from gl_jax.losses import registry as loss_registry
+from gl_jax.optimizer import lr_schedule, make_optimizer
+from gl_jax.preemption import Preemption
+from gl_jax.report import say
 from gl_jax.runtime import TrainState
 
 WARMUP, GROUP = "warmup", "group"
-
-
-def say(message: str) -> None:
-    """A line for the person watching (process 0 only), printed between progress bars;
-    library chatter goes to absl logging, which the command line keeps at WARNING."""
-    if jax.process_index() == 0:
-        tqdm.tqdm.write(message, file=sys.stdout)
-        sys.stdout.flush()
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
-
-
-# ------------------------------------------------------------------------------ optimizer
-def lr_schedule(base_lr: float, boundaries, factors) -> Callable[[jax.Array], jax.Array]:
-    """Piecewise-constant lr: `base_lr * factors[i]` from step `boundaries[i]` on.
-
-    Factors are relative to the initial lr (not cumulative), as the original code sets
-    `lr / 10` at each drop."""
-    boundaries, factors = tuple(int(b) for b in boundaries), tuple(float(f) for f in factors)
-
-    def schedule(count):
-        lr = jnp.asarray(base_lr, jnp.float32)
-        for boundary, factor in zip(boundaries, factors):
-            lr = jnp.where(count >= boundary, base_lr * factor, lr)
-        return lr
-    return schedule
-
-
-def _in_classifier(params):
-    """True for the leaves under the model's `classifier` (the proxies of proxy losses)."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: getattr(path[0], "key", None) == "classifier", params)
-
-
-def _radam_decoupled(learning_rate, weight_decay, b1, b2, eps, classifier_lr_multiplier):
-    # Decoupled weight decay: the decay is added after RAdam's rescaling, so the step is
-    # p <- p - lr * (radam_direction + wd * p), as torch's RAdam(decoupled_weight_decay).
-    parts = [optax.scale_by_radam(b1=b1, b2=b2, eps=eps),
-             optax.add_decayed_weights(weight_decay)]
-    if classifier_lr_multiplier != 1.0:
-        # A larger lr for the classifier alone, as Proxy-Anchor trains its proxies (x100);
-        # the decay term is scaled with it, as in a torch parameter group with its own lr.
-        parts.append(optax.masked(optax.scale(classifier_lr_multiplier), _in_classifier))
-    return optax.chain(*parts, optax.scale_by_learning_rate(learning_rate))
-
-
-def make_optimizer(learning_rate, *, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8,
-                   classifier_lr_multiplier=1.0):
-    """RAdam with decoupled weight decay; the lr (a float or schedule) is logged from the state.
-
-    `classifier_lr_multiplier` scales the steps of the classifier's weights (the proxies
-    of the proxy-based losses) relative to the rest of the model."""
-    return optax.inject_hyperparams(_radam_decoupled, static_args=("classifier_lr_multiplier",))(
-        learning_rate=learning_rate, weight_decay=weight_decay, b1=b1, b2=b2, eps=eps,
-        classifier_lr_multiplier=float(classifier_lr_multiplier))
 
 
 # ------------------------------------------------------------------------------- steps
@@ -192,103 +136,6 @@ def train_step(graphdef, tx, spec: LossSpec, state: TrainState, batch, *, frozen
     return new_state, metrics
 
 
-# ------------------------------------------------------------------------------ checks
-def _require(ok: bool, field: str, value, rule: str) -> None:
-    if not ok:
-        raise ValueError(f"config.{field} = {value!r}: {rule}.")
-
-
-def validate_config(config, splits, mesh: Mesh) -> None:
-    """Fails before anything compiles, naming the field and why."""
-    n_dev = mesh.size
-    num_train = splits["train"].num_classes
-    for name, (p, k) in {
-            "sampler": (config.sampler.classes_per_batch, config.sampler.samples_per_class),
-            "warmup": (config.warmup.classes_per_batch, config.warmup.samples_per_class)}.items():
-        if name == "warmup" and config.warmup.epochs <= 0:
-            continue
-        _require(int(p) >= 1, f"{name}.classes_per_batch", p, "must be >= 1")
-        _require(int(k) >= 1, f"{name}.samples_per_class", k, "must be >= 1")
-        if (p * k) % n_dev:
-            raise ValueError(
-                f"config.{name}: the global batch {p} x {k} = {p * k} is not divisible by the "
-                f"{n_dev} devices of the mesh (config.mesh.num_devices).")
-        if p > num_train:
-            raise ValueError(
-                f"config.{name}.classes_per_batch = {p} but the training split of "
-                f"{config.data.name!r} has only {num_train} classes.")
-    for field in ("schedule.epochs", "warmup.epochs", "schedule.steps_per_epoch",
-                  "warmup.steps_per_epoch"):
-        value = config[field.split(".")[0]][field.split(".")[1]]
-        _require(int(value) >= 0, field, value, "must be >= 0")
-    _require(config.schedule.epochs + config.warmup.epochs > 0, "schedule.epochs",
-             config.schedule.epochs, "with warmup.epochs = 0 there is nothing to train")
-    for field in ("optimizer.lr", "warmup.lr"):
-        value = config[field.split(".")[0]][field.split(".")[1]]
-        _require(float(value) >= 0.0 and math.isfinite(float(value)), field, value,
-                 "a learning rate must be a finite number >= 0")
-    opt = config.optimizer
-    _require(float(opt.weight_decay) >= 0.0, "optimizer.weight_decay", opt.weight_decay,
-             "must be >= 0")
-    for field, value in (("optimizer.b1", opt.b1), ("optimizer.b2", opt.b2)):
-        _require(0.0 <= float(value) < 1.0, field, value, "must be in [0, 1)")
-    for field, value in (("optimizer.eps", opt.eps), ("warmup.eps", config.warmup.eps)):
-        _require(float(value) > 0.0, field, value, "must be > 0")
-    _require(float(opt.classifier_lr_multiplier) > 0.0, "optimizer.classifier_lr_multiplier",
-             opt.classifier_lr_multiplier, "must be > 0")
-    for field in ("evals.every_epochs", "evals.batch_size", "checkpoint.every_steps",
-                  "checkpoint.max_to_keep", "logging.every_steps"):
-        value = config[field.split(".")[0]][field.split(".")[1]]
-        _require(int(value) >= 1, field, value, "must be >= 1")
-    if config.evals.batch_size % n_dev:
-        raise ValueError(f"config.evals.batch_size = {config.evals.batch_size} is not divisible "
-                         f"by the {n_dev} devices of the mesh.")
-    if config.selection.protocol not in ("paper", "validation"):
-        raise ValueError(f"config.selection.protocol must be 'paper' or 'validation', got "
-                         f"{config.selection.protocol!r}.")
-    if config.selection.protocol == "validation" and "val" not in splits:
-        raise ValueError("config.selection.protocol = 'validation' needs a validation split: "
-                         "set config.data.val_classes > 0.")
-    loss_name, hparams = loss_registry.hparams_from_config(config.loss)  # unknown -> ValueError
-    if loss_name == "group_loss":
-        k, anchors = int(config.sampler.samples_per_class), int(hparams["anchors_per_class"])
-        _require(anchors >= 0, "loss.anchors_per_class", anchors, "must be >= 0")
-        _require(k > anchors, "sampler.samples_per_class", k,
-                 f"must exceed loss.anchors_per_class = {anchors}: with every sample of a "
-                 "class an anchor the Group Loss is zero")
-        _require(float(hparams["temperature"]) > 0, "loss.temperature",
-                 hparams["temperature"], "must be > 0")
-        _require(int(hparams["num_iterations"]) >= 0, "loss.num_iterations",
-                 hparams["num_iterations"], "must be >= 0")
-    if len(config.schedule.lr_drop_epochs) != len(config.schedule.lr_drop_factors):
-        raise ValueError("config.schedule.lr_drop_epochs and lr_drop_factors differ in length.")
-    if config.model.name not in models.available_models():
-        raise ValueError(f"config.model.name = {config.model.name!r} is unknown; known: "
-                         f"{models.available_models()}.")
-    _validate_evals(config, splits)
-
-
-def _validate_evals(config, splits) -> None:
-    """Every K can be ranked in every evaluated split, and the selection metric exists."""
-    ks = tuple(int(k) for k in config.evals.ks)
-    _require(len(ks) > 0 and min(ks) >= 1, "evals.ks", tuple(config.evals.ks),
-             "must be one or more K >= 1")
-    name = str(config.data.name)
-    val_split = "val" if config.selection.protocol == "validation" else "test"
-    for split in sorted({val_split, "test"}):
-        kind, parts = protocol.eval_kind(splits, name, split)
-        limit = (len(splits[parts[0]]) - 1 if kind == "retrieval"
-                 else len(splits["gallery"]))
-        _require(max(ks) <= limit, "evals.ks", ks,
-                 f"K = {max(ks)} exceeds the {limit} items a query of the {split!r} evaluation "
-                 f"can rank")
-    kind, _ = protocol.eval_kind(splits, name, val_split)
-    metric = protocol.selection_key(str(config.selection.metric), kind)
-    known = protocol.metric_names(kind, ks, nmi=bool(config.evals.nmi))
-    _require(metric in known, "selection.metric", config.selection.metric,
-             f"the {val_split!r} evaluation ({kind}) computes {sorted(known)}")
-
-
 # ----------------------------------------------------------------------------- the stages
 @dataclasses.dataclass
 class Stage:
@@ -357,54 +204,6 @@ def _steps_per_epoch(source, sampler_config, cap) -> int:
     return min(steps, int(cap)) if cap > 0 else steps
 
 
-class _Preemption:
-    """SIGTERM (a preempted VM) -> a flag the loop checks after every step, then a save.
-
-    At most two steps are in flight (see `_train_stage`), so the save starts within two
-    steps of the signal. If the process has not exited `timeout_s` seconds after the
-    signal (a step or a data read that never returns), it exits with status 143 without
-    saving: the last checkpoint stays the newest, and the same command resumes from it."""
-
-    def __init__(self, timeout_s: float = 25.0):
-        self.requested = False
-        self.dispatched = 0          # the loop's last dispatched step
-        self.signal_step = None      # `dispatched` when SIGTERM arrived
-        self.timeout_s = float(timeout_s)
-        self._previous = None
-        self._timer: threading.Timer | None = None
-
-    def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: no handler, nothing to restore
-            self._previous = None
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            return
-        self.signal_step = self.dispatched
-        logging.warning("SIGTERM received at step %d: saving a checkpoint and stopping.",
-                        self.signal_step)
-        self.requested = True
-        self._timer = threading.Timer(self.timeout_s, self._give_up)
-        self._timer.daemon = True
-        self._timer.start()
-
-    def _give_up(self):
-        logging.error("no checkpoint saved within %.0f s of SIGTERM (a step or a data read "
-                      "does not return); exiting without saving. The same command resumes "
-                      "from the last checkpoint.", self.timeout_s)
-        logging.flush()
-        os._exit(143)
-
-    def __exit__(self, *exc):
-        if self._timer is not None:
-            self._timer.cancel()
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-
 # ------------------------------------------------------------------------------ the run
 @dataclasses.dataclass
 class Run:
@@ -416,15 +215,11 @@ class Run:
     checkpoints: ckpt.Checkpoints
     writer: metric_writers.MetricWriter | None
     embedder: runtime.Embedder
-    preemption: _Preemption
+    preemption: Preemption
     meta: dict                 # bookkeeping saved with each checkpoint
     val_split: str             # where the best model is selected: 'val' or 'test'
     make_iterator: Callable    # stage -> a fresh training iterator for it
     features: dict | None = None   # split -> a frozen backbone's features (head-only)
-    # Under GL_JAX_HOST_MALLOC=reuse: heap pages a new buffer left behind go back to
-    # the kernel (called after each step; `evaluate` resets it before and after).
-    heap_watch: host_memory.StepWatch = dataclasses.field(
-        default_factory=host_memory.StepWatch)
 
     @property
     def data_sharding(self) -> NamedSharding:
@@ -435,14 +230,9 @@ class Run:
 
     def evaluate(self, state, split: str) -> dict:
         """The protocol's metrics of `split` ('test' = query vs gallery where it applies)."""
-        # Under heap reuse the free step buffer would stay resident beside the evaluation's
-        # own buffers, and their holes beside the next step's: released on both sides.
-        self.heap_watch.reset()
-        metrics = protocol.evaluate_split(self.embedder, state.params, state.model_state,
-                                          self.splits, split, self.config, self.mesh,
-                                          features=self.features)
-        self.heap_watch.reset()
-        return metrics
+        return protocol.evaluate_split(self.embedder, state.params, state.model_state,
+                                       self.splits, split, self.config, self.mesh,
+                                       features=self.features)
 
     def selection_score(self, metrics: dict) -> float:
         kind, _ = protocol.eval_kind(self.splits, str(self.config.data.name), self.val_split)
@@ -469,45 +259,6 @@ def _evaluates_at(stage: Stage, step: int, every_epochs: int) -> bool:
     return (stage.evaluates and 0 < done <= stage.epochs * stage.steps_per_epoch
             and done % stage.steps_per_epoch == 0
             and (done // stage.steps_per_epoch) % every_epochs == 0)
-
-
-class _MetricsLog:
-    """Step metrics still on the device, read back in groups (a read-back is a host sync)."""
-
-    def __init__(self, run: Run, stage: Stage):
-        self.run, self.stage = run, stage
-        self.pending: list[tuple[int, dict]] = []
-        self.last_good = run.checkpoints.latest.latest_step()
-
-    def add(self, step: int, metrics: dict) -> None:
-        self.pending.append((step, metrics))
-
-    def flush(self) -> None:
-        """Reads pending metrics back, stops on a non-finite loss or parameters, logs the
-        averages. Every checkpoint is saved right after a flush, so a saved state always
-        has finite parameters and came from finite losses."""
-        if not self.pending:
-            return
-        rows = [(s, {k: float(v) for k, v in jax.device_get(m).items()})
-                for s, m in self.pending]
-        self.pending = []
-        for s, row in rows:
-            bad = [k for k in ("loss", "param_norm") if not math.isfinite(row.get(k, 0.0))]
-            if bad:
-                where = (f"The last checkpoint, step {self.last_good} in "
-                         f"{self.run.checkpoints.latest.directory}, has finite parameters "
-                         "(checked at save) and intact files (checked at restore): rerunning "
-                         "the same command resumes from it, and will likely meet the same "
-                         "values unless the config changes (e.g. a lower "
-                         "--config.optimizer.lr)" if self.last_good is not None
-                         else "No checkpoint was saved yet.")
-                raise NonFiniteLossError(
-                    f"non-finite {bad[0]} {row[bad[0]]} at step {s} ({self.stage.name} stage). "
-                    f"{where}")
-        if self.run.writer:
-            mean = {f"{self.stage.name}/{k}": float(np.mean([r[k] for _, r in rows]))
-                    for k in rows[0][1]}
-            self.run.writer.write(rows[-1][0], mean)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
@@ -593,7 +344,7 @@ def _train_and_evaluate(config, workdir: str) -> TrainState:
               writer=metric_writers.MetricWriter(workdir) if is_main else None,
               embedder=runtime.Embedder(graphdef, mesh, from_features=features is not None),
               features=features,
-              preemption=_Preemption(float(config.checkpoint.preemption_timeout_s)), meta=meta,
+              preemption=Preemption(float(config.checkpoint.preemption_timeout_s)), meta=meta,
               make_iterator=make_iterator,
               val_split="val" if config.selection.protocol == "validation" else "test")
 
@@ -602,7 +353,7 @@ def _train_and_evaluate(config, workdir: str) -> TrainState:
     if resumed is None and config.evals.untrained_baseline and config.evals.final_test:
         # The same network before any training: the reference the gain is measured from.
         meta["untrained_test"] = run.evaluate(state, "test")
-        say(f"before training: test {_headline(meta['untrained_test'])}")
+        say(f"before training: test {report.headline(meta['untrained_test'])}")
     stopped_early = False
     with run.preemption:
         # Killed during an epoch-end evaluation: that evaluation comes first.
@@ -659,7 +410,7 @@ def _resume(checkpoints: ckpt.Checkpoints, stages: list[Stage], fresh_state, mak
             failures.append((step, f"{type(e).__name__}: {str(e)[:200]}"))
     if failures:
         listing = "; ".join(f"step {s}: {why}" for s, why in failures)
-        raise ckpt.NoUsableCheckpointError(
+        raise NoUsableCheckpointError(
             f"no checkpoint in {checkpoints.latest.directory} can be restored ({listing}). "
             f"To start this run afresh, move {checkpoints.workdir}/checkpoints and "
             f"{checkpoints.workdir}/best away (or delete them), or use a new --workdir.")
@@ -697,7 +448,8 @@ def _train_stage(run: Run, stage: Stage, state, feed: BatchFeed):
                       donate_argnums=(0,))
 
     step = int(state.step)
-    log = _MetricsLog(run, stage)
+    log = report.StepMetrics(run.writer, stage.name, checkpoints.latest.directory,
+                             last_good=checkpoints.latest.latest_step())
 
     def save():
         log.flush()
@@ -717,7 +469,6 @@ def _train_stage(run: Run, stage: Stage, state, feed: BatchFeed):
         in_flight = None
         while step < epoch_end:
             state, metrics = step_fn(state, next(feed))
-            run.heap_watch()
             step += 1
             run.preemption.dispatched = step
             log.add(step, metrics)
@@ -757,52 +508,12 @@ def _reload_best(run: Run, epoch: int, state):
 
 def _final_evaluation(run: Run, state, workdir: str, step: int) -> None:
     """Test metrics of the selected (best) model, printed and saved in results.json."""
-    meta, protocol_name = run.meta, run.config.selection.protocol
+    protocol_name = run.config.selection.protocol
     if not run.config.evals.final_test:
-        results = {"protocol": protocol_name, "selected_epoch": meta["best_epoch"],
-                   "selected_step": meta["best_step"], "selection_score": meta["best_score"],
-                   "test": None, "note": "not evaluated on the test split "
-                   "(config.evals.final_test = False)"}
-        if jax.process_index() == 0:
-            with open(os.path.join(workdir, "results.json"), "w") as f:
-                json.dump(results, f, indent=2)
-        say("\nNo test evaluation (config.evals.final_test = False); the same command with "
-            "--config.evals.final_test=True evaluates this run's selected model.\n")
+        report.final_results(workdir, run.meta, protocol_name, None)
         return
     best = run.checkpoints.restore_best(runtime.abstract(state))
     metrics = run.evaluate(best if best is not None else state, "test")
-    if meta["best_step"] < 0:
-        note = "the final model: no evaluation during training selected one"
-    elif protocol_name == "paper":
-        note = ("model selected on the TEST split (paper protocol), epoch "
-                f"{meta['best_epoch']}: these numbers are optimistic")
-    else:
-        note = f"model selected on the validation split, epoch {meta['best_epoch']}"
-    results = {"protocol": protocol_name, "note": note, "selected_epoch": meta["best_epoch"],
-               "selected_step": meta["best_step"], "selection_score": meta["best_score"],
-               "test": metrics}
-    before = meta.get("untrained_test")
-    if before:
-        results["untrained_test"] = before
-        results["gain"] = {k: v - before[k] for k, v in metrics.items()
-                           if isinstance(v, float) and k in before}
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "results.json"), "w") as f:
-            json.dump(results, f, indent=2)
-        if run.writer:
-            run.writer.write(step, {f"final_test/{k}": v for k, v in metrics.items()})
-        names = [k for k, v in metrics.items() if isinstance(v, float)]
-        if before:
-            table = metric_writers.markdown_table(
-                ["held-out metric", "before training", "after training", "gain"],
-                [[k, before[k], metrics[k], f"{metrics[k] - before[k]:+.4f}"] for k in names])
-        else:
-            table = metric_writers.markdown_table(["held-out metric", "value"],
-                                                  [[k, metrics[k]] for k in names])
-        say(f"\nTest metrics ({note}):\n{table}\n")
-
-
-def _headline(metrics: dict) -> str:
-    """'recall@1 0.4123, map@r 0.1234' (the first rank metric and MAP@R / mAP)."""
-    keys = [k for k in ("recall@1", "rank@1", "map@r", "map") if k in metrics]
-    return ", ".join(f"{k} {metrics[k]:.4f}" for k in keys)
+    if run.writer:
+        run.writer.write(step, {f"final_test/{k}": v for k, v in metrics.items()})
+    report.final_results(workdir, run.meta, protocol_name, metrics)

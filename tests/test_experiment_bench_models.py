@@ -1,105 +1,80 @@
-"""experiments/bench_models.py: one real (tiny) run of its table, and the table's columns."""
+"""experiments/bench_models.py and its PyTorch twins (experiments/torch_twins.py)."""
 import importlib.util
 import os
-import platform
+import runpy
 import subprocess
 import sys
 
 import pytest
+from flax import nnx
 
 from experiments import bench_models
+from gl_jax.models import available_models, count_params, create_model
+
+HAVE_TORCH = all(importlib.util.find_spec(m) for m in ("torch", "torchvision"))
+needs_torch = pytest.mark.skipif(not HAVE_TORCH, reason="torch/torchvision not installed")
 
 
-def _cells(line):
-    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+def _rows(out):
+    """{(model, px, cpu_kernels): {column: cell}} of the printed table."""
+    lines = [line for line in out.splitlines() if line.startswith("| ")]
+    names = [cell.strip() for cell in lines[0].strip("| ").split("|")]
+    cells = [dict(zip(names, (c.strip() for c in line.strip("| ").split("|"))))
+             for line in lines[1:]]
+    return {(c["model"], int(c["px"]), c["cpu_kernels"]): c for c in cells}
 
 
-def test_table_columns_are_computed_from_the_measured_rates():
-    rows = [{"model": "m", "size": 100, "dtype": "float32", "params": 2e6, "compile": 1.0,
-             "fwd": 30.0, "fwd_bwd": 10.0, "torch": 20.0},
-            {"model": "m", "size": 100, "dtype": "bfloat16", "params": 2e6, "compile": 1.0,
-             "fwd": None, "fwd_bwd": 25.0, "torch": None}]
-    header, _, f32, bf16 = bench_models.format_table(rows).splitlines()
-    names = _cells(header)
-    f32, bf16 = dict(zip(names, _cells(f32))), dict(zip(names, _cells(bf16)))
-    assert f32["step Mpx/s"] == "0.10"          # 10 img/s x 100 x 100 px
-    assert f32["fwd / step"] == "3.00"
-    assert f32["gl_jax / PyTorch"] == "0.50x"
-    assert bf16["bf16 speed-up step"] == "2.50x" and bf16["gl_jax / PyTorch"] == "-"
+def test_a_row_shows_the_ratio_of_the_measured_rates():
+    row = dict(model="m", size=32, cpu_kernels="on", params=2e6, first=1.0, fwd=None,
+               step=10.0, torch=20.0)
+    assert bench_models.format_row(row).endswith("| 10.0 | 20.0 | 0.50x |")
+    assert bench_models.format_row(dict(row, torch=None)).endswith("| - | - |")
 
 
-def test_a_tiny_run_prints_one_row_per_size(capsys):
-    bench_models.main(["--models=small_cnn", "--sizes=16,24", "--batch=2", "--steps=1",
-                       "--torch=off"])
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| small")]
-    assert [_cells(line)[1] for line in lines] == ["16", "24"]
-    for line in lines:
-        cells = _cells(line)
-        step, mpx = float(cells[6]), float(cells[7])
-        assert step > 0 and abs(mpx - step * int(cells[1]) ** 2 / 1e6) <= 0.006
-
-
-@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-                    reason="mallopt is glibc's")
-def test_the_steady_allocator_takes_effect_on_glibc():
-    assert bench_models.torch_reference.steady_allocator() is True
-
-
-def test_cheap_steps_are_timed_until_they_add_up_to_min_seconds(monkeypatch):
-    # A fake clock: the first call takes 30 ms, the later ones 10-12 ms, whatever else runs.
-    clock = [0.0]
-    monkeypatch.setattr(bench_models.time, "perf_counter", lambda: clock[0])
+def test_timers_take_turns_and_the_fastest_call_counts():
     calls = []
 
-    def step():
-        calls.append(1)
-        clock[0] += 0.03 if len(calls) == 1 else 0.01 + 0.001 * (len(calls) % 3)
-
-    first, fastest = bench_models._time(step, steps=2, min_seconds=0.1)
-    assert len(calls) == 1 + 10           # warm-up + the calls until 0.1 s is reached (0.111)
-    assert fastest == pytest.approx(0.010) and first == pytest.approx(0.03)
-    calls.clear()
-    bench_models._time(step, steps=2, min_seconds=10.0, max_steps=5)
-    assert len(calls) == 1 + 5                      # capped
-    calls.clear()
-    bench_models._time(step, steps=4, min_seconds=0.0)
-    assert len(calls) == 1 + 4                      # at least `steps`
-
-
-def test_two_steps_are_timed_in_turns_until_both_add_up_to_min_seconds(monkeypatch):
-    # Fake clock: "a" takes 10 ms, "b" 40 ms, and b's third call is disturbed (400 ms).
-    clock, order = [0.0], []
-    monkeypatch.setattr(bench_models.time, "perf_counter", lambda: clock[0])
-
-    def call(name, seconds):
+    def timer(name, seconds):
         def run():
-            order.append(name)
-            clock[0] += seconds(order.count(name))
+            calls.append(name)
+            return seconds.pop(0)
         return run
+    a, b = timer("a", [5.0, 1.0, 2.0, 3.0, 0.5]), timer("b", [4.0, 2.0, 2.5, 2.0, 3.0])
+    assert bench_models.time_in_turns([a, b], steps=2) == [(5.0, 0.5), (4.0, 2.5)]
+    # a warm-up each, then per round an untimed lead-in and a timed call of each
+    assert calls == ["a", "b", "a", "a", "b", "b", "a", "a", "b", "b"]
+    calls.clear()
+    alone = timer("c", [3.0, 2.0, 1.0])
+    assert bench_models.time_in_turns([alone], steps=2) == [(3.0, 1.0)]
+    assert calls == ["c"] * 3
 
-    a = call("a", lambda n: 0.01)
-    b = call("b", lambda n: 0.4 if n == 3 else 0.04)
-    timers = [bench_models._timer(a), bench_models._timer(b)]
-    (first_a, fast_a), (first_b, fast_b) = bench_models._time_alternating(
-        timers, steps=2, min_seconds=0.1)
-    # warm-up a, b, then rounds of turns a a, b b (the first of each untimed): after 10
-    # rounds a's timed calls have spent 0.1 s (b's long before)
-    assert order == ["a", "b"] + ["a", "a", "b", "b"] * 10
-    assert fast_a == pytest.approx(0.01) and fast_b == pytest.approx(0.04)
-    assert first_b == pytest.approx(0.04)
-    order.clear()
-    bench_models._time_alternating(timers, steps=3, min_seconds=0.0)
-    assert order == ["a", "b"] + ["a", "a", "b", "b"] * 3
-    order.clear()
-    bench_models._time_alternating(timers[:1], steps=3, min_seconds=0.0)
-    assert order == ["a"] * 4     # alone, every call after the first is timed
+
+@pytest.mark.parametrize("argv", [["--cpu_kernels=on,sometimes"], ["--models=resnet0"],
+                                  ["--steps=0"]])
+def test_bad_arguments_are_refused(argv):
+    with pytest.raises(SystemExit):
+        bench_models.parse_args(argv)
+
+
+def test_a_tiny_run_prints_the_rows_asked_for(capsys):
+    bench_models.main(["--models=small_cnn", "--sizes=16,24", "--batch=2", "--steps=1",
+                       "--torch=off", "--cpu_kernels=on,off,auto"])
+    rows = _rows(capsys.readouterr().out)
+    assert list(rows) == [("small_cnn", px, c) for px in (16, 24)
+                          for c in ("on", "off", "auto (on)")]
+    for cells in rows.values():
+        assert float(cells["fwd img/s"]) > 0 and float(cells["step img/s"]) > 0
+        assert cells["params (M)"] == "0.06" and cells["gl_jax / PyTorch"] == "-"
 
 
 class _FakeTwin:
     """Stands in for TorchTwin: every step "takes" 0.5 s."""
+    made = []
 
-    def __init__(self, size):
-        self.size, self.calls, self.closed = size, 0, False
+    def __init__(self, name, size, batch):
+        self.params = count_params(bench_models.random_model(name, "off"))
+        self.calls, self.closed = 0, False
+        _FakeTwin.made.append(self)
 
     def __call__(self):
         self.calls += 1
@@ -109,54 +84,58 @@ class _FakeTwin:
         self.closed = True
 
 
-def test_the_pytorch_twin_is_timed_beside_the_step(monkeypatch, capsys):
-    twins = []
-    monkeypatch.setattr(bench_models, "torch_step",
-                        lambda name, size, args, params: twins.append(_FakeTwin(size))
-                        or twins[-1])
+def test_the_twin_is_timed_in_turns_and_closed(monkeypatch, capsys):
+    _FakeTwin.made.clear()
+    monkeypatch.setattr(bench_models, "TorchTwin", _FakeTwin)
+    monkeypatch.setattr(bench_models, "torch_wanted", lambda name, choice: True)
     bench_models.main(["--models=small_cnn", "--sizes=16", "--batch=2", "--steps=3",
-                       "--min_seconds=0", "--no_forward", "--torch=on"])
-    # warm-up + 3 turns of a lead-in and a timed step
-    assert [(t.size, t.calls, t.closed) for t in twins] == [(16, 7, True)]
-    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| small")]
-    cells = _cells(row[0])
-    assert float(cells[9]) == 4.0 and cells[10].endswith("x")      # 2 images / 0.5 s
+                       "--no_forward", "--cpu_kernels=on,off"])
+    [twin] = _FakeTwin.made
+    assert (twin.calls, twin.closed) == (1 + 2 * 3, True)     # warm-up, 3 lead-in + timed
+    for cells in _rows(capsys.readouterr().out).values():
+        assert cells["PyTorch step img/s"] == "4.0" and cells["fwd img/s"] == "-"
+        ratio = float(cells["gl_jax / PyTorch"].rstrip("x"))
+        assert ratio == pytest.approx(float(cells["step img/s"]) / 4.0, abs=0.02)
 
 
-def _shadow_torch(tmp_path, monkeypatch, body):
-    """Child processes import a package ``torch`` made of ``body`` instead of the real one."""
-    (tmp_path / "torch").mkdir()
-    (tmp_path / "torch" / "__init__.py").write_text(body)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
-        [str(tmp_path)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-
-
-def test_without_torch_the_twin_is_left_out_or_an_error_with_torch_on(
-        tmp_path, monkeypatch, capsys):
-    _shadow_torch(tmp_path, monkeypatch, 'raise ImportError("no torch in this test")\n')
-    with pytest.raises(ImportError, match="no torch in this test"):
-        bench_models.TorchTwin.start("small_cnn", 10, 16, 2, expected_params=1, lr=0.01)
+def test_without_torch_the_column_is_empty_or_an_error(monkeypatch, capsys):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "torch" else find_spec(name, *a))
     bench_models.main(["--models=small_cnn", "--sizes=16", "--batch=2", "--steps=1",
                        "--no_forward"])                                   # --torch=auto
-    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| small")]
-    cells = _cells(row[0])
-    assert float(cells[6]) > 0 and cells[9] == "-" and cells[10] == "-"
-    with pytest.raises(ImportError, match="no torch in this test"):
-        bench_models.main(["--models=small_cnn", "--sizes=16", "--batch=2", "--steps=1",
-                           "--no_forward", "--torch=on"])
+    [cells] = _rows(capsys.readouterr().out).values()
+    assert cells["PyTorch step img/s"] == "-" and float(cells["step img/s"]) > 0
+    with pytest.raises(ImportError, match="--torch=on"):
+        bench_models.torch_wanted("resnet18", "on")
 
 
-def test_a_twin_process_that_fails_raises_with_its_message(tmp_path, monkeypatch):
-    # A broken install (like torchvision's compiled ops not matching torch): not an
-    # ImportError, so not "missing": the parent must say what the child printed.
-    _shadow_torch(tmp_path, monkeypatch, 'raise RuntimeError("broken torch build")\n')
-    with pytest.raises(RuntimeError, match=r"(?s)exited with status 1.*broken torch build"):
-        bench_models.TorchTwin.start("small_cnn", 10, 16, 2, expected_params=1, lr=0.01)
+@pytest.mark.slow
+def test_a_twin_that_fails_raises_instead_of_hanging():
+    # The child fails to build it (no such model, or no torch at all): the parent must
+    # not wait for an answer forever.
+    with pytest.raises(RuntimeError, match="exited with code 1"):
+        bench_models.TorchTwin("no_such_model", 16, 2)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch not installed")
+@needs_torch
+@pytest.mark.slow
+@pytest.mark.parametrize("name", available_models())
+def test_each_twin_has_gl_jax_parameter_count_and_feature_size(name):
+    import torch
+    twins = runpy.run_path(bench_models.TWINS)
+    size = 227 if name == "bninception" else 40
+    twin = twins["torch_model"](name, 10, size)
+    model = nnx.eval_shape(lambda: create_model(name, num_classes=10, rngs=nnx.Rngs(0)))
+    assert sum(p.numel() for p in twin.parameters()) == count_params(model)
+    pooled = twin["body"](torch.zeros(2, 3, size, size))
+    assert pooled.shape == (2, model.backbone.num_features)
+
+
+@needs_torch
+@pytest.mark.slow
 def test_pytorch_runs_in_its_own_process_and_fills_its_column():
-    # A fresh interpreter: the test process may hold torch from other tests.
+    # A fresh interpreter: this test process may hold torch from other tests.
     code = ("import sys; from experiments import bench_models; "
             "bench_models.main(['--models=small_cnn', '--sizes=16', '--batch=2', '--steps=2', "
             "'--no_forward', '--torch=on']); print('parent imported torch:', 'torch' in "
@@ -164,19 +143,5 @@ def test_pytorch_runs_in_its_own_process_and_fills_its_column():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=os.path.dirname(os.path.dirname(__file__))).stdout
     assert "parent imported torch: False" in out
-    cells = _cells([line for line in out.splitlines() if line.startswith("| small")][0])
-    assert float(cells[9]) > 0 and float(cells[10].rstrip("x")) > 0
-
-
-@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch not installed")
-def test_a_twin_with_another_parameter_count_is_refused():
-    with pytest.raises(RuntimeError, match="parameters, gl_jax has 1"):
-        bench_models.TorchTwin.start("small_cnn", 10, 16, 2, expected_params=1, lr=0.01)
-
-
-def test_a_twin_that_writes_much_to_stderr_does_not_block(tmp_path, monkeypatch):
-    # 200 kB, more than a pipe holds, before the child answers.
-    _shadow_torch(tmp_path, monkeypatch,
-                  'import sys\nsys.stderr.write("x" * 200000)\nraise ImportError("chatty")\n')
-    with pytest.raises(ImportError, match="chatty"):
-        bench_models.TorchTwin.start("small_cnn", 10, 16, 2, expected_params=1, lr=0.01)
+    [cells] = _rows(out).values()
+    assert float(cells["PyTorch step img/s"]) > 0 and cells["gl_jax / PyTorch"].endswith("x")

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from experiments import sweep as sweep_lib
+from gl_jax import sweep as sweep_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STUDY = os.path.join(REPO, "experiments", "omniglot", "study.py")

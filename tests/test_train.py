@@ -10,7 +10,9 @@ import jax
 from flax import nnx
 
 from gl_jax import data as gdata
+from gl_jax import errors
 from gl_jax import evaluation
+from gl_jax import optimizer
 from gl_jax import runtime
 from gl_jax import train
 
@@ -119,7 +121,8 @@ def test_one_and_four_devices_give_the_same_losses(tmp_path):
         workdir = str(tmp_path / f"dev{devices}")
         train.train_and_evaluate(config, workdir)
         losses[devices] = [(r["step"], r.get("warmup/loss", r.get("group/loss")))
-                           for r in read_metrics(workdir) if "warmup/loss" in r or "group/loss" in r]
+                           for r in read_metrics(workdir)
+                           if "warmup/loss" in r or "group/loss" in r]
     assert len(losses[1]) == 8
     assert [s for s, _ in losses[1]] == [s for s, _ in losses[4]]
     one, four = [v for _, v in losses[1]], [v for _, v in losses[4]]
@@ -147,14 +150,14 @@ def test_sharded_parameters_match_replicated(tmp_path):
 @pytest.mark.slow
 def test_non_finite_loss_stops_naming_step_and_checkpoint(tmp_path):
     config = quick_config(warmup__lr=1e38, logging__every_steps=1)
-    with pytest.raises(train.NonFiniteLossError,
+    with pytest.raises(errors.NonFiniteLossError,
                        match=r"non-finite (loss|param_norm) .* at step 1 \(warmup stage\)\. "
                              r"No checkpoint was saved yet"):
         train.train_and_evaluate(config, str(tmp_path / "nan"))
     # Diverging in the Group Loss stage: the message names the last checkpoint, whose
     # parameters were finite when it was saved.
     config = quick_config(optimizer__lr=1e38, logging__every_steps=1)
-    with pytest.raises(train.NonFiniteLossError,
+    with pytest.raises(errors.NonFiniteLossError,
                        match=r"at step 1[1-5] \(group stage\)\. The last checkpoint, step 10 "
                              r"in .*checkpoints, has finite parameters"):
         train.train_and_evaluate(config, str(tmp_path / "nan_group"))
@@ -166,6 +169,8 @@ def test_non_finite_loss_stops_naming_step_and_checkpoint(tmp_path):
     (dict(sampler__classes_per_batch=6), ValueError,
      r"config.sampler.classes_per_batch = 6 but the training split of 'digits' has only 5"),
     (dict(model__name="resnet9000"), ValueError, r"config.model.name = 'resnet9000' is unknown"),
+    (dict(model__cpu_kernels="sometimes"), ValueError,
+     r"config.model.cpu_kernels = 'sometimes': must be 'auto', 'on' or 'off'"),
     (dict(data__name="image_folder", data__root="/nonexistent/gl_jax"), FileNotFoundError,
      r"config.data.root = '/nonexistent/gl_jax'"),
     (dict(selection__protocol="validation"), ValueError, r"set config.data.val_classes > 0"),
@@ -237,7 +242,7 @@ def test_validation_protocol_selects_on_val_and_tests_once(tmp_path):
 
 
 def test_lr_schedule_factors_are_relative_to_the_initial_lr():
-    schedule = train.lr_schedule(1e-3, boundaries=(10, 20), factors=(0.1, 0.1))
+    schedule = optimizer.lr_schedule(1e-3, boundaries=(10, 20), factors=(0.1, 0.1))
     got = [float(schedule(s)) for s in (0, 9, 10, 19, 20, 100)]
     np.testing.assert_allclose(got, [1e-3, 1e-3, 1e-4, 1e-4, 1e-4, 1e-4], rtol=1e-6)
 
@@ -247,7 +252,7 @@ def test_weight_decay_is_decoupled():
     import jax.numpy as jnp
     import optax
     params = {"w": jnp.array([1.0, -2.0, 4.0])}
-    tx = train.make_optimizer(0.1, weight_decay=0.01)
+    tx = optimizer.make_optimizer(0.1, weight_decay=0.01)
     state = tx.init(params)
     updates, state = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
     np.testing.assert_allclose(optax.apply_updates(params, updates)["w"],
@@ -284,7 +289,7 @@ def test_classifier_lr_multiplier_scales_only_the_classifier_steps():
              "classifier": {"kernel": jax.numpy.asarray([0.5, -1.0])}}
 
     def first_update(multiplier):
-        tx = train.make_optimizer(1e-2, weight_decay=0.1, classifier_lr_multiplier=multiplier)
+        tx = optimizer.make_optimizer(1e-2, weight_decay=0.1, classifier_lr_multiplier=multiplier)
         updates, _ = tx.update(grads, tx.init(params), params)
         return updates
 
@@ -315,23 +320,20 @@ def test_classifier_lr_multiplier_reaches_the_metric_loss_stage(tmp_path):
 
 def test_fast_end_to_end_train_resume_and_evaluate(tmp_path, monkeypatch):
     """The fast tier's whole path: two steps per stage, checkpoints, results, a resumed
-    rerun that trains nothing, and the evaluator on the same workdir. Every evaluation is
-    preceded and followed by a reset of the heap watch (a release of free heap pages
-    under reuse, a no-op otherwise)."""
-    from gl_jax import ablation, host_memory, protocol
-    events = []
-    evaluate_split, reset = protocol.evaluate_split, host_memory.StepWatch.reset
+    rerun that trains nothing, and the evaluator on the same workdir. The run evaluates
+    three times, each on the test split (the paper protocol): the untrained network, the
+    end of the one Group Loss epoch, and the selected model."""
+    from gl_jax import ablation, protocol
+    evaluated = []
+    evaluate_split = protocol.evaluate_split
     monkeypatch.setattr(protocol, "evaluate_split",
-                        lambda *a, **k: events.append("evaluate") or evaluate_split(*a, **k))
-    monkeypatch.setattr(host_memory.StepWatch, "reset",
-                        lambda self: events.append("reset") or reset(self))
+                        lambda *a, **k: evaluated.append(a[4]) or evaluate_split(*a, **k))
     workdir = str(tmp_path / "fast")
     config = quick_config(warmup__steps_per_epoch=2, schedule__steps_per_epoch=2,
                           schedule__epochs=1, schedule__lr_drop_epochs=(),
                           schedule__lr_drop_factors=(), checkpoint__every_steps=100)
     train.train_and_evaluate(config, workdir)
-    assert events.count("evaluate") >= 2
-    assert events == ["reset", "evaluate", "reset"] * events.count("evaluate")
+    assert evaluated == ["test", "test", "test"]
     results = read_results(workdir)
     assert results["selected_step"] == 4 and 0.0 < results["test"]["recall@1"] <= 1.0
     assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))
@@ -353,8 +355,8 @@ def test_sigterm_while_the_loop_is_blocked_exits_after_the_timeout():
     import sys
     import time
     code = ("import os, signal, threading\n"
-            "from gl_jax import train\n"
-            "with train._Preemption(timeout_s=1.0):\n"
+            "from gl_jax import preemption\n"
+            "with preemption.Preemption(timeout_s=1.0):\n"
             "    os.kill(os.getpid(), signal.SIGTERM)\n"
             "    threading.Event().wait()   # blocked for ever, like a read of a FIFO\n")
     started = time.time()

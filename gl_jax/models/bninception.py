@@ -93,11 +93,14 @@ class BNInception(nnx.Module):
     """
 
     def __init__(self, *, bn_momentum: float, bn_epsilon: float, leak: float | None = None,
-                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 dtype=jnp.float32, param_dtype=jnp.float32, cpu_kernels: bool = False,
+                 rngs: nnx.Rngs):
         self.dtype = dtype
         self.leak = leak
-        bn = dict(momentum=bn_momentum, epsilon=bn_epsilon, dtype=dtype, param_dtype=param_dtype)
-        conv = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype)
+        self.cpu_kernels = cpu_kernels
+        bn = dict(momentum=bn_momentum, epsilon=bn_epsilon, dtype=dtype, param_dtype=param_dtype,
+                  cpu_kernels=cpu_kernels)
+        conv = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, cpu_kernels=cpu_kernels)
 
         def add_unit(name, in_channels, out_channels, kernel, stride=1, padding=0):
             """conv ``name`` + BatchNorm ``name_bn``, the port's naming."""
@@ -135,11 +138,11 @@ class BNInception(nnx.Module):
         y = self._unit(f"{prefix}_double_3x3_1", y)
         branches.append(self._unit(f"{prefix}_double_3x3_2", y, leak))
         if spec.stride == 2:
-            pooled = layers.max_pool(x, 3, 2, ceil_mode=True)
+            pooled = layers.max_pool(x, 3, 2, ceil_mode=True, cpu_kernels=self.cpu_kernels)
         elif spec.pool == "max":
-            pooled = layers.max_pool(x, 3, 1, 1, ceil_mode=True)
+            pooled = layers.max_pool(x, 3, 1, 1, ceil_mode=True, cpu_kernels=self.cpu_kernels)
         else:
-            pooled = layers.avg_pool_include_pad(x, 3, 1, 1)
+            pooled = layers.avg_pool_include_pad(x, 3, 1, 1, cpu_kernels=self.cpu_kernels)
         branches.append(self._unit(f"{prefix}_pool_proj", pooled, leak) if spec.pool_proj
                         else pooled)
         return jnp.concatenate(branches, axis=-1)
@@ -155,10 +158,10 @@ class BNInception(nnx.Module):
                     f"(the original Caffe port fails the same way); nearby valid sides: {valid}")
         x = images.astype(self.dtype)
         x = self._unit("conv1_7x7_s2", x)
-        x = layers.max_pool(x, 3, 2, ceil_mode=True)
+        x = layers.max_pool(x, 3, 2, ceil_mode=True, cpu_kernels=self.cpu_kernels)
         x = self._unit("conv2_3x3_reduce", x)
         x = self._unit("conv2_3x3", x)
-        x = layers.max_pool(x, 3, 2, ceil_mode=True)
+        x = layers.max_pool(x, 3, 2, ceil_mode=True, cpu_kernels=self.cpu_kernels)
         for index, spec in enumerate(INCEPTION_BLOCKS):
             last = index == len(INCEPTION_BLOCKS) - 1
             x = self._block(spec, x, self.leak if last else None)

@@ -86,9 +86,12 @@ class EfficientNetLite0(nnx.Module):
     """
 
     def __init__(self, *, bn_momentum: float, bn_epsilon: float, leak: float | None = None,
-                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        bn = dict(momentum=bn_momentum, epsilon=bn_epsilon, dtype=dtype, param_dtype=param_dtype)
-        conv = dict(padding="SAME", dtype=dtype, param_dtype=param_dtype)
+                 dtype=jnp.float32, param_dtype=jnp.float32, cpu_kernels: bool = False,
+                 rngs: nnx.Rngs):
+        bn = dict(momentum=bn_momentum, epsilon=bn_epsilon, dtype=dtype, param_dtype=param_dtype,
+                  cpu_kernels=cpu_kernels)
+        conv = dict(padding="SAME", dtype=dtype, param_dtype=param_dtype,
+                    cpu_kernels=cpu_kernels)
         self.dtype = dtype
         self.leak = leak
         self._conv_stem = layers.conv(3, STEM_CHANNELS, 3, stride=2, rngs=rngs, **conv)

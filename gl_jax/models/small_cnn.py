@@ -17,10 +17,14 @@ from gl_jax.models import layers
 
 class SmallCNN(nnx.Module):
     def __init__(self, *, bn_momentum: float, bn_epsilon: float, leak: float | None = None,
-                 width: int = 32, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        bn = dict(momentum=bn_momentum, epsilon=bn_epsilon, dtype=dtype, param_dtype=param_dtype)
-        conv = dict(padding=1, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                 width: int = 32, dtype=jnp.float32, param_dtype=jnp.float32,
+                 cpu_kernels: bool = False, rngs: nnx.Rngs):
+        bn = dict(momentum=bn_momentum, epsilon=bn_epsilon, dtype=dtype, param_dtype=param_dtype,
+                  cpu_kernels=cpu_kernels)
+        conv = dict(padding=1, dtype=dtype, param_dtype=param_dtype, cpu_kernels=cpu_kernels,
+                    rngs=rngs)
         self.dtype = dtype
+        self.cpu_kernels = cpu_kernels
         self.leak = leak
         self.conv1 = layers.conv(3, width, 3, **conv)
         self.bn1 = layers.batch_norm(width, rngs=rngs, **bn)
@@ -35,5 +39,5 @@ class SmallCNN(nnx.Module):
         x = images.astype(self.dtype)
         x = layers.activation(self.bn1(self.conv1(x)))
         x = layers.activation(self.bn2(self.conv2(x)))
-        x = layers.max_pool(x, 2, 2)
+        x = layers.max_pool(x, 2, 2, cpu_kernels=self.cpu_kernels)
         return layers.activation(self.bn3(self.conv3(x)), self.leak)

@@ -1,4 +1,4 @@
-"""The sweep driver (experiments/sweep.py) and the Omniglot sweep configs."""
+"""The sweep command line (gl_jax/sweep.py) and the Omniglot sweep configs."""
 import gzip
 import json
 import os
@@ -9,8 +9,8 @@ import textwrap
 import numpy as np
 import pytest
 
-from experiments import sweep as sweep_lib
 from experiments.omniglot import fashion_mnist
+from gl_jax import sweep as sweep_lib
 from gl_jax.losses import registry
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -120,7 +120,7 @@ def test_a_sweep_trains_each_point_once_then_tests_only_the_chosen(tmp_path):
     config_path = tmp_path / "tiny.py"
     config_path.write_text(TINY)
     root, report = tmp_path / "runs", tmp_path / "TINY.md"
-    command = [sys.executable, "-m", "experiments.sweep", f"--config={config_path}",
+    command = [sys.executable, "-m", "gl_jax.sweep", f"--config={config_path}",
                f"--root={root}", f"--report={report}"]
     first = subprocess.run(command + ["--jobs=2"], cwd=REPO, capture_output=True, text=True,
                            timeout=900)

@@ -1,16 +1,18 @@
 """Trains the grid of runs a sweep config declares and writes their table.
 
-    python -m experiments.sweep --config=experiments/omniglot/compare.py
-    python -m experiments.sweep --config=experiments/omniglot/study.py:head_k4 --jobs=2
-    python -m experiments.sweep --config=experiments/omniglot/study.py:head_k4 --test
-    python -m experiments.sweep --config=... --report_only
+    python -m gl_jax.sweep --config=experiments/omniglot/compare.py
+    python -m gl_jax.sweep --config=experiments/omniglot/study.py:head_k4 --jobs=2
+    python -m gl_jax.sweep --config=experiments/omniglot/study.py:head_k4 --test
+    python -m gl_jax.sweep --config=... --report_only
 
-A sweep config is a config file like those in `configs/`: `get_config(arg)` returns the
-setting every run shares and `sweep(arg)` the grid, a list of points, each a dict of
-dotted overrides (`{"loss.name": "triplet", "seed": 1}`). Every point is one ordinary
-`gl_jax.train.train_and_evaluate` run in its own workdir, named by a digest of its
-resolved config (`--root/<config name>/<digest>`): a finished run is never trained
-again, a half-finished one resumes from its checkpoint, and the grid can grow.
+A sweep config is a config file like those in `configs/` (the Omniglot study's are in
+`experiments/omniglot/`): `get_config(arg)` returns the setting every run shares and
+`sweep(arg)` the grid, a list of points, each a dict of dotted overrides
+(`{"loss.name": "triplet", "seed": 1}`). Every point is one ordinary
+`gl_jax.train.train_and_evaluate` run, in a process of its own (`--jobs` at a time) and
+in its own workdir, named by a digest of its resolved config
+(`--root/<config name>/<digest>`): a finished run is never trained again, a half-finished
+one resumes from its checkpoint, and the grid can grow.
 
 Validation first, test once: a config may set `evals.final_test = False` (no test
 evaluation) and define `test_points(arg)`, the points chosen on the validation split;
@@ -38,6 +40,9 @@ import time
 
 import numpy as np
 
+from gl_jax import metric_writers
+
+# The checkout's root: sweep configs import `configs` (and their own folder) from there.
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_ROOT = os.path.join(os.path.expanduser("~"), ".cache", "gl_jax", "sweeps")
 NOTES_MARKER = "<!-- Notes below this line are kept when the tables are regenerated. -->"
@@ -149,6 +154,7 @@ def read_json(path: str) -> dict:
 
 def run_point(sweep: Sweep, index: int, test: bool) -> None:
     """Trains (or only evaluates, with `test`) point `index` in this process."""
+    # Imported here: the process that schedules the runs and writes the table needs no JAX.
     import jax
     from gl_jax import train
     # Every run of a sweep compiles the same few programs: keep them between processes.
@@ -181,9 +187,9 @@ def run_all(sweep: Sweep, test: bool, jobs: int, python: str = sys.executable) -
         start = time.time()
         with open(os.path.join(workdir, "sweep.log"), "a") as log:
             code = subprocess.call(
-                [python, "-m", "experiments.sweep", f"--config={sweep.spec}",
+                [python, "-m", "gl_jax.sweep", f"--config={sweep.spec}",
                  f"--root={os.path.dirname(sweep.root)}", f"--point={i}"]
-                + (["--test"] if test else []), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+                + (["--test"] if test else []), stdout=log, stderr=subprocess.STDOUT)
         return i, code, time.time() - start
 
     failed = []
@@ -240,7 +246,6 @@ def cell(values: list[float]) -> str:
 
 
 def table(rows: list[tuple[str, list[dict]]]) -> str:
-    from gl_jax import metric_writers
     runs = [r for _, rs in rows for r in rs]
     val = [(k, name) for k, name in VAL_COLUMNS if any(k in r["val"] for r in runs)]
     test = [(k, name) for k, name in TEST_COLUMNS if any(k in r["test"] for r in runs)]
@@ -263,7 +268,7 @@ def write_report(sweep: Sweep, path: str, command: str) -> str:
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     describe = getattr(sweep.module, "describe", None)
     text = [f"# {sweep.name}", "",
-            f"Written by `experiments/sweep.py` on {now} (commit {git_head()}), "
+            f"Written by `python -m gl_jax.sweep` on {now} (commit {git_head()}), "
             f"{platform.machine()}, {os.cpu_count()} CPU cores.", "",
             f"Command: `{command}`", ""]
     if describe:
@@ -311,7 +316,7 @@ def main(argv=None) -> None:
         run_all(sweep, args.test, args.jobs)
     report = args.report or os.path.join(os.path.dirname(split_spec(args.config)[0]),
                                          sweep.name.upper() + ".md")
-    command = "python -m experiments.sweep " + " ".join(
+    command = "python -m gl_jax.sweep " + " ".join(
         a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--jobs"))
     print(write_report(sweep, report, command))
 
