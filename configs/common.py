@@ -2,7 +2,7 @@
 
 Sections: `data`, `sampler` (from gl_jax.data), `model`, `loss`, `optimizer`, `schedule`,
 `warmup` (the classification fine-tuning stage), `selection`, `evals`, `mesh`,
-`checkpoint`, `logging`. Every field can be overridden on the command line, e.g.
+`checkpoint`, `logging`, `cpu`. Every field can be overridden on the command line, e.g.
 `--config.optimizer.lr=1e-4`.
 """
 from __future__ import annotations
@@ -111,6 +111,12 @@ def get_config(dataset: str = "digits") -> ml_collections.ConfigDict:
     # searches on the validation split: the same command with True later evaluates the
     # finished run's selected model on the test split, once.
     config.evals.final_test = True
+
+    # Process settings the command line makes before JAX starts (gl_jax/xla_flags.py).
+    config.cpu = ml_collections.ConfigDict()
+    # XLA:CPU's Eigen convolutions instead of YNNPACK: set only on a CPU-only host with a
+    # jaxlib where it was measured (0.10); the CPU-sized configs turn it on.
+    config.cpu.eigen_convolutions = False
 
     config.mesh = ml_collections.ConfigDict()
     config.mesh.num_devices = -1        # -1 = every device of every host

@@ -11,11 +11,13 @@ strategies, their values, the checkpoint, the output folder, the pictures).
 """
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from gl_jax import ablation
 from gl_jax import checkpoints
 from gl_jax import cli
+from gl_jax import xla_flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("workdir", None, "Training workdir(s); several = an ensemble.")
@@ -34,6 +36,9 @@ def main(argv):
         checkpoints.find(w, settings.checkpoint)
     config = FLAGS.config if FLAGS.config is not None else ablation.load_workdir_config(
         FLAGS.workdir[0])
+    chosen = xla_flags.apply(config)   # before the evaluation starts a JAX backend
+    if chosen:
+        logging.info(chosen)
     ablation.run(config, FLAGS.workdir, settings)
 
 

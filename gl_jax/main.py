@@ -12,6 +12,7 @@ from ml_collections import config_flags
 
 from gl_jax import cli
 from gl_jax import train
+from gl_jax import xla_flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
@@ -29,6 +30,10 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     config = FLAGS.config
+    # Before anything starts a JAX backend, which reads XLA_FLAGS once.
+    chosen = xla_flags.apply(config)
+    if chosen:
+        logging.info(chosen)
     if config.mesh.distributed:
         # Multi-host (e.g. a Cloud TPU VM pod slice): every process runs this same command;
         # coordinates come from the environment (TPU metadata, SLURM, Open MPI) unless the
