@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import threading
+import time
 
 import grain
 import numpy as np
@@ -164,6 +166,22 @@ def _normalize_batch(batch: dict, normalization: str) -> dict:
     return batch
 
 
+def exit_with_parent(worker_index: int = 0, worker_count: int = 0, *, parent: int,
+                     poll_s: float = 1.0) -> threading.Thread:
+    """Run in each grain worker: a watcher thread ends the worker once ``parent``, the
+    process that started it, is gone (also when it died while the worker was still
+    starting). A SIGKILLed trainer runs no clean-up, and its workers (a few hundred MB
+    each) would otherwise keep running, reparented, until killed by hand. (A parent-death
+    signal would fire when the starting *thread* exits, not the process.)"""
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(0)
+    watcher = threading.Thread(target=watch, name="gl_jax-exit-with-parent", daemon=True)
+    watcher.start()
+    return watcher
+
+
 def _finish(dataset: grain.MapDataset, data_config, normalize: bool = True
             ) -> grain.IterDataset:
     read = grain.ReadOptions(num_threads=int(data_config.get("read_threads", 2)),
@@ -175,7 +193,9 @@ def _finish(dataset: grain.MapDataset, data_config, normalize: bool = True
         # notebook) would fail there with UnparsedFlagAccessError.
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers),
+                            worker_init_fn=functools.partial(exit_with_parent,
+                                                             parent=os.getpid()))
     if not normalize:
         return it
     return it.map(functools.partial(_normalize_batch,

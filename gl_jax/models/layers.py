@@ -135,8 +135,7 @@ def activation(x: jax.Array, leak: float | None = None, *, cap: float | None = N
     # Written as selects, not jnp.maximum / jnp.minimum: their derivative compares the
     # input with the output twice and scales by 0.5 at ties, and XLA:CPU recomputes that
     # inside the backward pass's fusions; the select form trains ResNet-50 at 112 px
-    # about 1.3x faster, the other backbones about 1.1x (experiments/bench_layer_forms.py
-    # --change=activation).
+    # about 1.3x faster, the other backbones about 1.1x.
     # x <= 0 (rather than x > 0 picking x) lets NaN through.
     y = jnp.where(x <= 0, jnp.zeros((), x.dtype), x) if leak is None else \
         jnp.where(x >= 0, x, leak * x)
