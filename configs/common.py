@@ -115,7 +115,7 @@ def get_config(dataset: str = "digits") -> ml_collections.ConfigDict:
     # Process settings the command line makes before JAX starts (gl_jax/xla_flags.py).
     config.cpu = ml_collections.ConfigDict()
     # XLA:CPU's Eigen convolutions instead of YNNPACK: set only on a CPU-only host with a
-    # jaxlib where it was measured (0.10); the CPU-sized configs turn it on.
+    # jaxlib where it was measured (0.10); configs/omniglot.py turns it on.
     config.cpu.eigen_convolutions = False
 
     config.mesh = ml_collections.ConfigDict()

@@ -22,7 +22,6 @@ from configs import common
 def get_config(arg: str | None = None):
     config = common.get_config("digits")
     config.model.name = "small_cnn"
-    config.cpu.eigen_convolutions = True   # a CPU-sized config (gl_jax/xla_flags.py)
     config.sampler.classes_per_batch = 4
     config.sampler.samples_per_class = 8
     config.loss.temperature = 10.0

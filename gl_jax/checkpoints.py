@@ -12,12 +12,24 @@ manifest (the process died between Orbax's finalisation and the manifest), is ne
 restored: resuming, reloading the best and evaluating all skip it with a warning that
 names it and the first file that differs. Checkpoints on non-local paths (`gs://...`)
 are not checksummed (the manifest needs the files on a local or mounted file system).
+
+A save that fails for a full disk, a quota or a file system that may not be written
+raises one CheckpointWriteError naming the path and the step a rerun resumes from; a
+checkpoint that must go (newer than the resumed one) but cannot be deleted is moved
+aside to `<step>.discarded`. Relative paths are made absolute (Orbax takes no others).
 """
 from __future__ import annotations
 
+import atexit
+import errno
+import gc
 import json
+import logging as std_logging
 import os
+import re
 import signal
+import sys
+import traceback
 import zlib
 
 from absl import logging
@@ -26,6 +38,7 @@ import jax
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
+from gl_jax.errors import CheckpointWriteError
 # What a restore from a workdir's checkpoints fails with; callers catch it from here.
 from gl_jax.errors import NoUsableCheckpointError  # noqa: F401
 
@@ -36,6 +49,12 @@ MANIFEST = "gl_jax_checksums.json"
 # ---------------------------------------------------------------------------- checksums
 def _local(directory: str) -> bool:
     return "://" not in str(directory)
+
+
+def _absolute(directory: str) -> str:
+    """Orbax refuses relative paths (at the first save, deep inside tensorstore), and a
+    relative one would also change meaning if the working directory did."""
+    return os.path.abspath(directory) if _local(directory) else str(directory)
 
 
 def _crc32(path: str) -> int:
@@ -122,7 +141,7 @@ def restore_state(manager: ocp.CheckpointManager, step: int, target, *, partial:
 def _manager(directory: str, max_to_keep: int | None = None, read_only: bool = False):
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
                                            read_only=read_only)
-    return ocp.CheckpointManager(directory, options=options)
+    return ocp.CheckpointManager(_absolute(directory), options=options)
 
 
 def _verified_steps(manager: ocp.CheckpointManager, failures: list | None = None):
@@ -155,14 +174,110 @@ def _processes() -> tuple[int, int]:
     return jax.process_index(), jax.process_count()
 
 
+# --------------------------------------------------------------------- write failures
+# What a full disk, a quota or a file system that may not be written look like.
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def write_problem(error: BaseException) -> tuple[int, str | None] | None:
+    """(errno, path or None) when `error`, or one it was raised from, says that the disk is
+    full, over quota or not writable; None for anything else.
+
+    Orbax writes arrays through tensorstore, whose errors arrive as ValueError whose text
+    ends in `[os_error_code='28']`; other files fail with plain OSErrors."""
+    seen, todo = set(), [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
+            return e.errno, e.filename
+        text = str(e)
+        code = re.search(r"os_error_code='(\d+)'", text)
+        number = int(code.group(1)) if code else next(
+            (n for n in _WRITE_ERRNOS if os.strerror(n) in text), None)
+        if number in _WRITE_ERRNOS:
+            path = (re.search(r'Failed writing: "([^"]+)"', text)
+                    or re.search(r'local file "([^"]+)"', text))
+            return number, path.group(1) if path else None
+        todo += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
+    return None
+
+
+def _release(error: BaseException) -> None:
+    """Frees what a failed Orbax save left behind now, while Python can still run it.
+
+    The frames of `error`'s tracebacks hold Orbax's event loops with the writes that were
+    still pending when the first one failed. Kept alive with the error until the
+    interpreter shuts down, each was finalised then and printed a traceback
+    (`ImportError: sys.meta_path is None`). The tracebacks stay printable."""
+    seen, todo = set(), [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        traceback.clear_frames(e.__traceback__)
+        todo += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
+    gc.collect()
+
+
+def _collect_at_exit(quiet: _QuietWriteFailures) -> None:
+    """After a failed save, writes that were still in flight in tensorstore when `_release`
+    ran end later; what Orbax left waiting on them becomes garbage only then. Collected at
+    exit, while imports still work, with their noise left out until then."""
+    def collect():
+        try:
+            gc.collect()
+        finally:
+            quiet.remove()
+    atexit.register(collect)
+
+
+class _QuietWriteFailures:
+    """Leaves out what Orbax and tensorstore print themselves about a save that failed for
+    a full or unwritable disk: ERROR logs with the tracebacks of Orbax's threads, and
+    "Event loop is closed" from the callbacks of writes that were still in flight when
+    Orbax gave up (through `sys.unraisablehook`, several per array). The error reaches the
+    user once, as CheckpointWriteError (its cause chain intact)."""
+
+    def __init__(self):
+        # absl: Orbax's logs; asyncio: "Task exception was never retrieved" for each write
+        # Orbax abandoned, when `_release` finalises it.
+        self._loggers = [std_logging.getLogger(name) for name in ("absl", "asyncio")]
+        for logger in self._loggers:
+            logger.addFilter(self._log_filter)
+        self._previous_hook = sys.unraisablehook
+        sys.unraisablehook = self._unraisable
+
+    @staticmethod
+    def _log_filter(record) -> bool:
+        if record.name == "absl" and "orbax" not in record.pathname.split(os.sep):
+            return True
+        error = record.exc_info[1] if record.exc_info else None
+        return write_problem(error or Exception(record.getMessage())) is None
+
+    def _unraisable(self, info) -> None:
+        if not (info.object is None and isinstance(info.exc_value, RuntimeError)
+                and str(info.exc_value) == "Event loop is closed"):
+            self._previous_hook(info)
+
+    def remove(self) -> None:
+        for logger in self._loggers:
+            logger.removeFilter(self._log_filter)
+        if sys.unraisablehook == self._unraisable:
+            sys.unraisablehook = self._previous_hook
+
+
 class Checkpoints:
     """Latest checkpoints (state + data iterator + bookkeeping) and the best one."""
 
     def __init__(self, workdir: str, config):
-        self.workdir = workdir
-        self.latest = _manager(os.path.join(workdir, KINDS["latest"]),
+        self.workdir = _absolute(workdir)
+        self.latest = _manager(os.path.join(self.workdir, KINDS["latest"]),
                                int(config.checkpoint.max_to_keep))
-        self.best = _manager(os.path.join(workdir, KINDS["best"]), 1)
+        self.best = _manager(os.path.join(self.workdir, KINDS["best"]), 1)
 
     def _finish(self, manager: ocp.CheckpointManager, step: int) -> None:
         manager.wait_until_finished()
@@ -177,17 +292,48 @@ class Checkpoints:
             # restored it, and the processes' collectives no longer matched: a hang.
             multihost_utils.sync_global_devices(f"gl_jax checkpoint manifest {directory}")
 
+    def _write(self, manager: ocp.CheckpointManager, step: int, args) -> None:
+        """Saves `args` as checkpoint `step` of `manager` and waits for it to be final; a
+        full or unwritable disk becomes one CheckpointWriteError instead of an Orbax
+        traceback."""
+        try:
+            manager.save(step, args=args)
+            self._finish(manager, step)
+        except Exception as e:  # noqa: BLE001 - anything else is re-raised as it is
+            problem = write_problem(e)
+            if problem is None:
+                raise
+            _release(e)
+            raise self._write_error(manager, step, *problem) from e
+
+    def _write_error(self, manager, step: int, number: int, path: str | None):
+        # The epoch-end checkpoint precedes the evaluation that saves a best model, so a
+        # run that fails saving best/<step> resumes from checkpoints/<step>.
+        newest = step if manager is self.best else step - 1
+        resume = next((s for s in sorted(self.latest.all_steps(), reverse=True)
+                       if s <= newest and verify(os.path.join(str(self.latest.directory),
+                                                              str(s))) is None), None)
+        where = os.path.join(str(manager.directory), str(step))
+        remedy = ("after freeing space" if number in (errno.ENOSPC, errno.EDQUOT)
+                  else f"once {manager.directory} can be written")
+        then = (f"the earlier checkpoints are intact: {remedy}, the same command resumes "
+                f"from step {resume} (checkpoints/{resume})." if resume is not None else
+                f"no earlier checkpoint was saved: {remedy}, the same command starts "
+                "from the beginning.")
+        return CheckpointWriteError(
+            f"cannot save checkpoint {where}: {os.strerror(number)}"
+            + (f" (writing {path})" if path else "") + f"; {then}", number, path or where)
+
     def save(self, state, iterator, meta: dict) -> None:
         """`iterator`: anything with grain's `get_state()` (a grain iterator, a
         gl_jax.feed.BatchFeed); `restore_iterator` puts a grain iterator back there."""
         step = int(meta["step"])
         if step in self.latest.all_steps():
             return
-        self.latest.save(step, args=ocp.args.Composite(
+        self._write(self.latest, step, ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=grain.checkpoint.CheckpointSave(_IteratorState(iterator.get_state())),
             meta=ocp.args.JsonSave(meta)))
-        self._finish(self.latest, step)
         _crash_point(step)
 
     def candidates(self, failures: list | None = None):
@@ -208,15 +354,22 @@ class Checkpoints:
 
     def save_best(self, state, step: int, meta: dict) -> None:
         for stale in [s for s in self.best.all_steps() if s >= step]:
-            self.best.delete(stale)
-        self.best.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                     meta=ocp.args.JsonSave(meta)))
-        self._finish(self.best, step)
+            self._delete(self.best, stale)
+        self._write(self.best, step, ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                        meta=ocp.args.JsonSave(meta)))
 
-    def restore_best(self, target):
-        """The best state so far, or None when there is none (or it is damaged: warned)."""
-        for step in _verified_steps(self.best):
-            return restore_state(self.best, step, target)
+    def restore_best(self, target, failures: list | None = None):
+        """The best state so far, or None when there is none or it cannot be restored
+        (damaged, or restoring fails: warned, and appended to `failures` as (step, why))."""
+        for step in _verified_steps(self.best, failures):
+            try:
+                return restore_state(self.best, step, target)
+            except Exception as e:  # noqa: BLE001 - any failure means: not this checkpoint
+                why = f"{type(e).__name__}: {str(e)[:200]}"
+                logging.warning("best checkpoint %s cannot be restored (%s).",
+                                os.path.join(str(self.best.directory), str(step)), why)
+                if failures is not None:
+                    failures.append((step, why))
         return None
 
     def discard_after(self, step: int) -> None:
@@ -224,11 +377,64 @@ class Checkpoints:
         lost future) are deleted, so that the run saves those steps anew."""
         for manager in (self.latest, self.best):
             for s in [s for s in manager.all_steps() if s > step]:
-                manager.delete(s)
+                self._delete(manager, s)
 
-    def close(self):
-        self.latest.close()
-        self.best.close()
+    def _delete(self, manager: ocp.CheckpointManager, step: int) -> None:
+        """Deletes checkpoint `step`; one that cannot be deleted (files this user may not
+        read or remove) is renamed to `<step>.discarded`, a name Orbax does not take for a
+        step, so that it neither stops the run nor is resumed; failing that, it is left
+        where it is with a warning."""
+        try:
+            manager.delete(step)
+            return
+        except OSError as e:
+            error = e
+        path = os.path.join(str(manager.directory), str(step))
+        if not os.path.lexists(path):   # gone after all (e.g. deleted by hand meanwhile)
+            manager.reload()
+            return
+        aside, n = f"{path}.discarded", 1
+        while os.path.lexists(aside):
+            n += 1
+            aside = f"{path}.discarded-{n}"
+        try:
+            # Renaming within the same folder needs no access to the step's own files.
+            os.rename(path, aside)
+        except OSError as e:
+            logging.warning("checkpoint %s cannot be deleted (%s) nor moved aside (%s); the "
+                            "run goes on without it: delete it by hand.", path, error, e)
+            return
+        manager.reload()
+        logging.warning("checkpoint %s cannot be deleted (%s); moved it to %s, which "
+                        "the run ignores: delete it when you can.", path, error, aside)
+
+    def __enter__(self) -> Checkpoints:
+        """For the run's life: Orbax's own reports of a write that failed for lack of space
+        or permission are left out (CheckpointWriteError says it once); the managers are
+        closed at the end, however the run ends."""
+        self._quiet = _QuietWriteFailures()
+        return self
+
+    def __exit__(self, error_type, error, tb) -> None:
+        try:
+            self.close(quiet=error is not None)
+        finally:
+            if isinstance(error, CheckpointWriteError):
+                _collect_at_exit(self._quiet)
+            else:
+                self._quiet.remove()
+
+    def close(self, *, quiet: bool = False) -> None:
+        """Waits for pending saves and closes both managers. `quiet`: while another error
+        is on its way out, a save that failed (and fails again here) is only logged."""
+        for manager in (self.latest, self.best):
+            try:
+                manager.close()
+            except Exception as e:  # noqa: BLE001 - see `quiet`
+                if not quiet:
+                    raise
+                logging.info("closing %s after an error: %s: %s", manager.directory,
+                             type(e).__name__, e)
 
 
 def find(workdir: str, which: str = "best") -> tuple[str, int]:
@@ -242,7 +448,7 @@ def find(workdir: str, which: str = "best") -> tuple[str, int]:
         raise FileNotFoundError(f"--workdir={workdir!r} does not exist.")
     order = [which] + (["latest"] if which == "best" else [])
     for kind in order:
-        directory = os.path.join(workdir, KINDS[kind])
+        directory = os.path.join(_absolute(workdir), KINDS[kind])
         if not os.path.isdir(directory):
             continue
         manager = _manager(directory, read_only=True)

@@ -1,15 +1,19 @@
-"""Checks of a training config against its data and mesh, before anything compiles: each
-failure is a ValueError that names the config field, its value and the rule it breaks."""
+"""Checks of a training config, before anything compiles: each failure is a ValueError that
+names the config field, its value and the rule it breaks.
+
+`validate_fields` needs the config alone: the command line runs it before it imports JAX or
+writes to the workdir. `validate_config` adds the checks against the data and the mesh.
+"""
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-from jax.sharding import Mesh
+if TYPE_CHECKING:
+    from jax.sharding import Mesh
 
-from gl_jax import models
-from gl_jax.models import layers
-from gl_jax import protocol
-from gl_jax.losses import registry as loss_registry
+# config.data.scan: what gl_jax.data.scan reads of every file before training ('off': nothing).
+SCAN_MODES = ("header", "full", "off")
 
 
 def _require(ok: bool, field: str, value, rule: str) -> None:
@@ -17,25 +21,13 @@ def _require(ok: bool, field: str, value, rule: str) -> None:
         raise ValueError(f"config.{field} = {value!r}: {rule}.")
 
 
-def validate_config(config, splits, mesh: Mesh) -> None:
-    """Fails before anything compiles, naming the field and why."""
-    n_dev = mesh.size
-    num_train = splits["train"].num_classes
-    for name, (p, k) in {
-            "sampler": (config.sampler.classes_per_batch, config.sampler.samples_per_class),
-            "warmup": (config.warmup.classes_per_batch, config.warmup.samples_per_class)}.items():
-        if name == "warmup" and config.warmup.epochs <= 0:
-            continue
-        _require(int(p) >= 1, f"{name}.classes_per_batch", p, "must be >= 1")
-        _require(int(k) >= 1, f"{name}.samples_per_class", k, "must be >= 1")
-        if (p * k) % n_dev:
-            raise ValueError(
-                f"config.{name}: the global batch {p} x {k} = {p * k} is not divisible by the "
-                f"{n_dev} devices of the mesh (config.mesh.num_devices).")
-        if p > num_train:
-            raise ValueError(
-                f"config.{name}.classes_per_batch = {p} but the training split of "
-                f"{config.data.name!r} has only {num_train} classes.")
+def validate_fields(config) -> None:
+    """The checks that need neither the data nor JAX, naming the field and why."""
+    _require(config.data.scan in SCAN_MODES, "data.scan", config.data.scan,
+             f"must be one of {', '.join(map(repr, SCAN_MODES))}")
+    size, resize = config.data.image_size, config.data.resize_size
+    _require(0 < int(size) <= int(resize), "data.image_size", size,
+             f"must be in (0, config.data.resize_size = {resize}]")
     for field in ("schedule.epochs", "warmup.epochs", "schedule.steps_per_epoch",
                   "warmup.steps_per_epoch"):
         value = config[field.split(".")[0]][field.split(".")[1]]
@@ -59,12 +51,41 @@ def validate_config(config, splits, mesh: Mesh) -> None:
                   "checkpoint.max_to_keep", "logging.every_steps"):
         value = config[field.split(".")[0]][field.split(".")[1]]
         _require(int(value) >= 1, field, value, "must be >= 1")
-    if config.evals.batch_size % n_dev:
-        raise ValueError(f"config.evals.batch_size = {config.evals.batch_size} is not divisible "
-                         f"by the {n_dev} devices of the mesh.")
     if config.selection.protocol not in ("paper", "validation"):
         raise ValueError(f"config.selection.protocol must be 'paper' or 'validation', got "
                          f"{config.selection.protocol!r}.")
+    if len(config.schedule.lr_drop_epochs) != len(config.schedule.lr_drop_factors):
+        raise ValueError("config.schedule.lr_drop_epochs and lr_drop_factors differ in length.")
+
+
+def validate_config(config, splits, mesh: Mesh) -> None:
+    """Fails before anything compiles, naming the field and why."""
+    # Imported here, not above: validate_fields runs before the command line imports JAX.
+    from gl_jax import models
+    from gl_jax.losses import registry as loss_registry
+    from gl_jax.models import layers
+
+    validate_fields(config)
+    n_dev = mesh.size
+    num_train = splits["train"].num_classes
+    for name, (p, k) in {
+            "sampler": (config.sampler.classes_per_batch, config.sampler.samples_per_class),
+            "warmup": (config.warmup.classes_per_batch, config.warmup.samples_per_class)}.items():
+        if name == "warmup" and config.warmup.epochs <= 0:
+            continue
+        _require(int(p) >= 1, f"{name}.classes_per_batch", p, "must be >= 1")
+        _require(int(k) >= 1, f"{name}.samples_per_class", k, "must be >= 1")
+        if (p * k) % n_dev:
+            raise ValueError(
+                f"config.{name}: the global batch {p} x {k} = {p * k} is not divisible by the "
+                f"{n_dev} devices of the mesh (config.mesh.num_devices).")
+        if p > num_train:
+            raise ValueError(
+                f"config.{name}.classes_per_batch = {p} but the training split of "
+                f"{config.data.name!r} has only {num_train} classes.")
+    if config.evals.batch_size % n_dev:
+        raise ValueError(f"config.evals.batch_size = {config.evals.batch_size} is not divisible "
+                         f"by the {n_dev} devices of the mesh.")
     if config.selection.protocol == "validation" and "val" not in splits:
         raise ValueError("config.selection.protocol = 'validation' needs a validation split: "
                          "set config.data.val_classes > 0.")
@@ -79,8 +100,6 @@ def validate_config(config, splits, mesh: Mesh) -> None:
                  hparams["temperature"], "must be > 0")
         _require(int(hparams["num_iterations"]) >= 0, "loss.num_iterations",
                  hparams["num_iterations"], "must be >= 0")
-    if len(config.schedule.lr_drop_epochs) != len(config.schedule.lr_drop_factors):
-        raise ValueError("config.schedule.lr_drop_epochs and lr_drop_factors differ in length.")
     _require(str(config.model.cpu_kernels).strip().lower() in layers.CPU_KERNEL_CHOICES,
              "model.cpu_kernels", config.model.cpu_kernels, "must be 'auto', 'on' or 'off'")
     if config.model.name not in models.available_models():
@@ -91,6 +110,8 @@ def validate_config(config, splits, mesh: Mesh) -> None:
 
 def _validate_evals(config, splits) -> None:
     """Every K can be ranked in every evaluated split, and the selection metric exists."""
+    from gl_jax import protocol   # see validate_config
+
     ks = tuple(int(k) for k in config.evals.ks)
     _require(len(ks) > 0 and min(ks) >= 1, "evals.ks", tuple(config.evals.ks),
              "must be one or more K >= 1")

@@ -13,10 +13,9 @@ takes; see gl_jax.weights.pretrained for its layout.
 """
 from __future__ import annotations
 
-import sys
-
 from absl import app, flags, logging
 
+from gl_jax import cli
 from gl_jax import weights
 
 FLAGS = flags.FLAGS
@@ -37,6 +36,12 @@ def convert(arch: str, input_path: str | None, output: str, *, head: str = "keep
             allow_mismatch: bool = False, overwrite: bool = False) -> str:
     """Read, convert, save; returns the output directory. Raises ValueError /
     FileNotFoundError / UnsafeCheckpointError with the reason."""
+    return _convert(arch, input_path, output, head=head, allow_mismatch=allow_mismatch,
+                    overwrite=overwrite)[0]
+
+
+def _convert(arch, input_path, output, *, head, allow_mismatch, overwrite):
+    """`convert`, also returning the line that says what was converted."""
     if input_path is None:
         if arch != "efficientnet_lite0":
             raise ValueError(f"--input is required for --arch={arch}")
@@ -44,22 +49,21 @@ def convert(arch: str, input_path: str | None, output: str, *, head: str = "keep
     state_dict = weights.load_state_dict(input_path)
     model, report = weights.build_converted_model(arch, state_dict, head=head,
                                                   strict=not allow_mismatch)
-    logging.info("%s <- %s: %s", arch, input_path, report.summary())
+    summary = f"{arch} <- {input_path}: {report.summary()}"
+    logging.info(summary)
     return weights.save_converted(model, output, arch=arch, source=input_path, report=report,
-                                  overwrite=overwrite)
+                                  overwrite=overwrite), summary
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    try:
-        directory = convert(FLAGS.arch, FLAGS.input, FLAGS.output, head=FLAGS.head,
-                            allow_mismatch=FLAGS.allow_mismatch, overwrite=FLAGS.overwrite)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"convert_weights: {e}", file=sys.stderr)
-        sys.exit(1)
+    directory, summary = _convert(FLAGS.arch, FLAGS.input, FLAGS.output, head=FLAGS.head,
+                                  allow_mismatch=FLAGS.allow_mismatch, overwrite=FLAGS.overwrite)
+    # Logging is at WARNING (gl_jax.cli): what was loaded, missing or skipped is printed.
+    print(summary)
     print(f"wrote {directory}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

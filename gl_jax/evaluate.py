@@ -23,9 +23,16 @@ FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("workdir", None, "Training workdir(s); several = an ensemble.")
 config_flags.DEFINE_config_file("config", None, "Training config file; default: the "
                                 "first workdir's config.json.", lock_config=False)
-config_flags.DEFINE_config_dict("evaluate", ablation.default_settings(),
-                                "Evaluate settings, e.g. --evaluate.strategies=rerank,flip.")
 flags.mark_flag_as_required("workdir")
+
+
+def define_settings_flag(argv=None):
+    """--evaluate, defined when the command runs rather than on import: ml_collections
+    applies the --evaluate.<field> overrides as it defines the flag, and an unknown field
+    is a one-line error only inside gl_jax.cli.run."""
+    config_flags.DEFINE_config_dict("evaluate", ablation.default_settings(),
+                                    "Evaluate settings, e.g. --evaluate.strategies=rerank,flip.",
+                                    sys_argv=argv)
 
 
 def main(argv):
@@ -43,4 +50,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    cli.run(main, before_flags=define_settings_flag)

@@ -7,11 +7,11 @@ again resumes from the last checkpoint in DIR.
 from absl import app
 from absl import flags
 from absl import logging
-import jax
 from ml_collections import config_flags
 
 from gl_jax import cli
-from gl_jax import train
+from gl_jax import config_checks
+from gl_jax import workdir_lock
 from gl_jax import xla_flags
 
 FLAGS = flags.FLAGS
@@ -30,6 +30,12 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     config = FLAGS.config
+    # What needs neither JAX nor the data, before the trainer's imports (Flax, Orbax:
+    # seconds) and before the workdir gets anything: a bad value or an unusable workdir.
+    config_checks.validate_fields(config)
+    workdir_lock.prepare(FLAGS.workdir)
+    import jax
+    from gl_jax import train
     # Before anything starts a JAX backend, which reads XLA_FLAGS once.
     chosen = xla_flags.apply(config)
     if chosen:
@@ -53,5 +59,15 @@ def main(argv):
     train.train_and_evaluate(config, FLAGS.workdir)
 
 
+def refuse_busy_workdir(argv):
+    """A workdir another run holds is refused before absl loads the config file, which
+    imports JAX (seconds); the trainer's WorkdirLock is what keeps two runs apart. The
+    processes of a multi-host run share the workdir, but process 0 locks it only after
+    jax.distributed.initialize, which waits for every process: after their checks."""
+    workdirs = list(cli.flag_values(argv, "workdir"))
+    if workdirs and workdirs[-1]:   # absl keeps the last; empty: main's message
+        workdir_lock.check_free(workdirs[-1])
+
+
 if __name__ == "__main__":
-    cli.run(main)
+    cli.run(main, before_flags=refuse_busy_workdir)

@@ -1,5 +1,11 @@
 """SIGTERM handling of the training loop: a preempted machine's run saves a checkpoint and
-stops, and the same command resumes it."""
+stops, and the same command resumes it.
+
+With several processes (a multi-host slice) saving is collective, so every process must
+stop at the same step although each host sees SIGTERM at its own time: JAX's preemption
+service (started by `jax.distributed.initialize`) hears the signal on any host, agrees
+with the others on a step, and `multihost_utils.reached_preemption_sync_point` says when
+it is reached. The loop asks `should_stop(step)` after every step either way."""
 from __future__ import annotations
 
 import os
@@ -18,7 +24,8 @@ class Preemption:
     checkpoint stays the newest, and the same command resumes from it.
 
     `with Preemption():` installs the handler (in the main thread; elsewhere, none) and
-    restores the previous one on exit."""
+    restores the previous one on exit. With several processes and JAX's preemption
+    service, that service keeps SIGTERM and decides the step (no watchdog then)."""
 
     def __init__(self, timeout_s: float = 25.0):
         self.requested = False
@@ -27,8 +34,32 @@ class Preemption:
         self.timeout_s = float(timeout_s)
         self._previous = None
         self._timer: threading.Timer | None = None
+        self._synced = False
+
+    @staticmethod
+    def _sync_manager():
+        """JAX's preemption sync manager when several processes run with it, else None."""
+        import jax
+        if jax.process_count() < 2:
+            return None
+        from jax._src import distributed   # where jax.distributed keeps its state
+        return getattr(distributed.global_state, "preemption_sync_manager", None)
+
+    def should_stop(self, step: int) -> bool:
+        """True once the run must save and stop after `step`: SIGTERM arrived here, or,
+        with several processes, every process has reached the step they agreed on."""
+        if self._synced and not self.requested:
+            from jax.experimental import multihost_utils
+            if multihost_utils.reached_preemption_sync_point(step):
+                self.requested = True
+                self.signal_step = step
+                logging.warning("preemption: every process stops after step %d.", step)
+        return self.requested
 
     def __enter__(self):
+        self._synced = self._sync_manager() is not None
+        if self._synced:
+            return self   # the service's own SIGTERM handler must stay in place
         try:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not the main thread: no handler, nothing to restore

@@ -71,22 +71,31 @@ class StepMetrics:
             self.writer.write(rows[-1][0], mean)
 
 
-def final_results(workdir: str, meta: dict, protocol_name: str, metrics: dict | None) -> None:
+def final_results(workdir: str, meta: dict, protocol_name: str, metrics: dict | None, *,
+                  evaluated_step: int | None = None, unrestored: str | None = None) -> None:
     """Writes `workdir/results.json` (process 0) and prints the test metrics of the selected
     model, beside those before training where the run measured them.
 
     `meta`: the run's bookkeeping (best epoch, step and score; `untrained_test`);
-    `metrics`: the test metrics, None when the run was not evaluated on the test split."""
+    `metrics`: the test metrics, None when the run was not evaluated on the test split;
+    `evaluated_step`: the step of the model those metrics are of (`evaluated_step` in
+    results.json, beside `selected_step`); `unrestored`: why the selected model could not
+    be restored, when the final model was evaluated in its place."""
     if metrics is None:
         _write(workdir, {"protocol": protocol_name, "selected_epoch": meta["best_epoch"],
                          "selected_step": meta["best_step"],
-                         "selection_score": meta["best_score"], "test": None,
+                         "selection_score": meta["best_score"], "evaluated_step": None,
+                         "test": None,
                          "note": "not evaluated on the test split "
                                  "(config.evals.final_test = False)"})
         say("\nNo test evaluation (config.evals.final_test = False); the same command with "
             "--config.evals.final_test=True evaluates this run's selected model.\n")
         return
-    if meta["best_step"] < 0:
+    if unrestored is not None:
+        note = (f"NOT the selected model (epoch {meta['best_epoch']}, step "
+                f"{meta['best_step']}), which could not be restored ({unrestored}): the final "
+                f"model, step {evaluated_step}")
+    elif meta["best_step"] < 0:
         note = "the final model: no evaluation during training selected one"
     elif protocol_name == "paper":
         note = ("model selected on the TEST split (paper protocol), epoch "
@@ -95,7 +104,7 @@ def final_results(workdir: str, meta: dict, protocol_name: str, metrics: dict | 
         note = f"model selected on the validation split, epoch {meta['best_epoch']}"
     results = {"protocol": protocol_name, "note": note, "selected_epoch": meta["best_epoch"],
                "selected_step": meta["best_step"], "selection_score": meta["best_score"],
-               "test": metrics}
+               "evaluated_step": evaluated_step, "test": metrics}
     before = meta.get("untrained_test")
     if before:
         results["untrained_test"] = before
@@ -113,7 +122,19 @@ def final_results(workdir: str, meta: dict, protocol_name: str, metrics: dict | 
     say(f"\nTest metrics ({note}):\n{table}\n")
 
 
+def _strict(value):
+    """`value` with every non-finite float replaced by None: strict JSON, which jq and
+    JavaScript read (the json module would write NaN and -Infinity)."""
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
 def _write(workdir: str, results: dict) -> None:
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "results.json"), "w") as f:
-            json.dump(results, f, indent=2)
+            json.dump(_strict(results), f, indent=2, allow_nan=False)

@@ -268,6 +268,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     checkpoints in `checkpoints/` (latest) and `best/`, and `results.json` with the final
     test metrics of the selected model. One run per workdir (`workdir/.lock`).
     """
+    # Orbax takes only absolute paths; the messages that name the workdir are clearer too.
+    workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() != 0:
         return _train_and_evaluate(config, workdir)
@@ -288,7 +290,6 @@ def _train_and_evaluate(config, workdir: str) -> TrainState:
             progress=bool(config.logging.progress) and is_main).splits
     train_source = splits["train"]
     stages = make_stages(config, train_source)
-    final_step = stages[-1].last_step
 
     if is_main:
         with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -303,7 +304,15 @@ def _train_and_evaluate(config, workdir: str) -> TrainState:
     say(f"writing to {workdir}: checkpoints/, best/, tensorboard/, metrics.jsonl, "
         "results.json")
 
-    checkpoints = ckpt.Checkpoints(workdir, config)
+    with ckpt.Checkpoints(workdir, config) as checkpoints:
+        return _train_with(config, workdir, checkpoints, mesh, splits, stages)
+
+
+def _train_with(config, workdir: str, checkpoints: ckpt.Checkpoints, mesh, splits,
+                stages: list[Stage]) -> TrainState:
+    """`_train_and_evaluate` from building the model on, with the workdir's checkpoints."""
+    is_main = jax.process_index() == 0
+    train_source, final_step = splits["train"], stages[-1].last_step
     model = runtime.build_model(config, train_source.num_classes)
     graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
     del model
@@ -370,7 +379,6 @@ def _train_and_evaluate(config, workdir: str) -> TrainState:
 
     if not stopped_early:
         _final_evaluation(run, state, workdir, final_step)
-    checkpoints.close()
     if run.writer:
         run.writer.close()
     return state
@@ -483,7 +491,7 @@ def _train_stage(run: Run, stage: Stage, state, feed: BatchFeed):
                 bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
             if step % int(config.checkpoint.every_steps) == 0 and step < epoch_end:
                 save()
-            if run.preemption.requested:
+            if run.preemption.should_stop(step):
                 save()
                 bar.close()
                 logging.warning("stopped at step %d, %d step(s) after SIGTERM; the same "
@@ -496,10 +504,27 @@ def _train_stage(run: Run, stage: Stage, state, feed: BatchFeed):
     return state, False
 
 
+def _restore_best(run: Run, state):
+    """(the best state so far or None, why the selected model could not be restored or None).
+
+    None and no reason: nothing was selected yet. A reason: an evaluation selected a model
+    (`meta['best_step']`) whose checkpoint is damaged, missing or fails to restore."""
+    failures: list = []
+    best = run.checkpoints.restore_best(runtime.abstract(state), failures)
+    if best is not None or run.meta["best_step"] < 0:
+        return best, None
+    return None, ("; ".join(f"best/{s}: {why}" for s, why in failures)
+                  or "best/ holds no checkpoint")
+
+
 def _reload_best(run: Run, epoch: int, state):
     """At a learning-rate drop, continue from the best parameters so far (the original)."""
-    best = run.checkpoints.restore_best(runtime.abstract(state))
+    best, unrestored = _restore_best(run, state)
     if best is None:
+        if unrestored is not None:
+            say(f"epoch {epoch + 1}: lr drop; the best checkpoint so far (step "
+                f"{run.meta['best_step']}) cannot be restored ({unrestored}): continuing from "
+                f"the current parameters (step {int(state.step)}) instead")
         return state
     say(f"epoch {epoch + 1}: lr drop; continuing from the best checkpoint so far")
     return TrainState(step=state.step, params=best.params, model_state=best.model_state,
@@ -507,13 +532,21 @@ def _reload_best(run: Run, epoch: int, state):
 
 
 def _final_evaluation(run: Run, state, workdir: str, step: int) -> None:
-    """Test metrics of the selected (best) model, printed and saved in results.json."""
+    """Test metrics of the selected (best) model, printed and saved in results.json with
+    the step they are of: the final model's when the selected one cannot be restored."""
     protocol_name = run.config.selection.protocol
     if not run.config.evals.final_test:
         report.final_results(workdir, run.meta, protocol_name, None)
         return
-    best = run.checkpoints.restore_best(runtime.abstract(state))
-    metrics = run.evaluate(best if best is not None else state, "test")
+    best, unrestored = _restore_best(run, state)
+    evaluated = best if best is not None else state
+    evaluated_step = int(evaluated.step)
+    if unrestored is not None:
+        say(f"the selected model (step {run.meta['best_step']}) cannot be restored "
+            f"({unrestored}): evaluating the final model (step {evaluated_step}) instead; "
+            "results.json says so")
+    metrics = run.evaluate(evaluated, "test")
     if run.writer:
         run.writer.write(step, {f"final_test/{k}": v for k, v in metrics.items()})
-    report.final_results(workdir, run.meta, protocol_name, metrics)
+    report.final_results(workdir, run.meta, protocol_name, metrics,
+                         evaluated_step=evaluated_step, unrestored=unrestored)

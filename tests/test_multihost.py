@@ -34,13 +34,13 @@ def _losses(workdir):
             if "warmup/loss" in r or "group/loss" in r]
 
 
-def _launch(workdir, port, process_id):
+def _launch(workdir, port, process_id, overrides=OVERRIDES):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
     cmd = [sys.executable, "-m", "gl_jax.main", "--config=configs/digits.py:quick",
            f"--workdir={workdir}", "--config.logging.progress=False",
            "--config.mesh.distributed=True", f"--coordinator_address=127.0.0.1:{port}",
            "--num_processes=2", f"--process_id={process_id}"]
-    cmd += [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
+    cmd += [f"--config.{k}={v}" for k, v in overrides.items()]
     log = open(os.path.join(os.path.dirname(workdir), f"process{process_id}.log"), "w")
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log
 
@@ -108,5 +108,67 @@ def test_two_processes_train_what_one_process_trains(tmp_path):
     got = json.load(open(os.path.join(workdir, "results.json")))["test"]
     want = json.load(open(os.path.join(reference, "results.json")))["test"]
     assert got["num_queries"] == want["num_queries"] > 0
+    for key in ("recall@1", "recall@2", "map@r"):
+        assert got[key] == pytest.approx(want[key], abs=2e-3), key
+
+
+def _run_pair(workdir, overrides, on_progress=None, timeout=300):
+    """Both processes of a two-process run, to the end; `on_progress(procs)` is called
+    once process 0 has logged a group-stage step. Returns [(returncode, log text)]."""
+    port = _free_port()
+    procs = [_launch(workdir, port, i, overrides) for i in (0, 1)]
+    deadline = time.time() + timeout
+    try:
+        if on_progress is not None:
+            metrics = os.path.join(workdir, "metrics.jsonl")
+            while not (os.path.exists(metrics) and "group/loss" in open(metrics).read()):
+                assert time.time() < deadline and all(p.poll() is None for p, _ in procs)
+                time.sleep(0.05)
+            on_progress(procs)
+        for proc, _ in procs:
+            proc.wait(timeout=max(1.0, deadline - time.time()))
+    finally:
+        for proc, log in procs:       # a hung pair must not outlive the test
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log.close()
+    return [(proc.returncode, open(os.path.join(os.path.dirname(workdir),
+                                                f"process{i}.log")).read())
+            for i, (proc, _) in enumerate(procs)]
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_at_the_same_step_and_the_rerun_resumes(tmp_path):
+    import re
+    import signal
+    overrides = dict(OVERRIDES, **{"schedule.steps_per_epoch": 60, "logging.every_steps": 5})
+    workdir = str(tmp_path / "pair" / "run")
+    os.makedirs(workdir)
+    ended = _run_pair(workdir, overrides,
+                      on_progress=lambda procs: procs[1][0].send_signal(signal.SIGTERM))
+    stopped = []
+    for i, (code, text) in enumerate(ended):
+        assert code == 0, f"process {i}:\n{text[-3000:]}"
+        found = re.findall(r"stopped at step (\d+)", text)
+        assert found, f"process {i} did not stop early:\n{text[-3000:]}"
+        stopped.append(int(found[-1]))
+    assert stopped[0] == stopped[1] < 3 + 60, stopped
+    assert not os.path.exists(os.path.join(workdir, "results.json"))
+    resumed = _run_pair(workdir, overrides)
+    for i, (code, text) in enumerate(resumed):
+        assert code == 0, f"process {i}:\n{text[-3000:]}"
+    assert f"resumed from step {stopped[0]}" in resumed[0][1]   # process 0 prints
+
+    config = digits.get_config("quick")
+    config.logging.progress = False
+    config.mesh.num_devices = 4
+    for dotted, value in overrides.items():
+        section, field = dotted.split(".")
+        config[section][field] = value
+    reference = str(tmp_path / "one_host")
+    train.train_and_evaluate(config, reference)
+    got = json.load(open(os.path.join(workdir, "results.json")))["test"]
+    want = json.load(open(os.path.join(reference, "results.json")))["test"]
     for key in ("recall@1", "recall@2", "map@r"):
         assert got[key] == pytest.approx(want[key], abs=2e-3), key

@@ -107,14 +107,17 @@ def get(name: str) -> Dataset:
 def load_splits(data_config) -> dict:
     """`config.data` -> {'train', 'test' | ('query', 'gallery'), ['val']} sources.
 
-    Raises ValueError for an unknown name and FileNotFoundError for a missing root or
-    list file, before any training starts.
+    Raises ValueError for an unknown name, FileNotFoundError for a missing root or list
+    file and NotADirectoryError for a root that is a file, before any training starts.
     """
     dataset = get(data_config.name)
     root = os.path.expanduser(str(data_config.get("root", "") or ""))
     if dataset.needs_root:
         if not root:
             raise ValueError(f"data.root must be set for data.name={dataset.name!r}")
+        if os.path.exists(root) and not os.path.isdir(root):
+            raise NotADirectoryError(f"{dataset.name}: data.root {root!r} is a file, not a "
+                                     "folder")
         if not os.path.isdir(root):
             raise FileNotFoundError(f"{dataset.name}: folder {root!r} does not exist")
     splits = dataset.load(root, int(data_config.get("val_classes", 0)), data_config)
