@@ -25,10 +25,10 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
 import optax
-import tqdm
 
 from gl_jax import data as gdata
 from gl_jax import models
+from gl_jax.data import progress
 
 
 @flax.struct.dataclass
@@ -206,8 +206,8 @@ def embed_source(jobs: Sequence[tuple[Embedder, Any, Any]], source, config, mesh
     parts = [{"embedding": [], "flipped": []} for _ in jobs]
     meta = {"label": [], "camera": [], "index": [], "mask": []}
     show = bool(config.logging.progress) and jax.process_index() == 0
-    for batch in tqdm.tqdm(iterator, total=gdata.eval_steps(source, batch_size), desc=desc,
-                           disable=not show, leave=False):
+    for batch in progress.bar(iterator, total=gdata.eval_steps(source, batch_size), desc=desc,
+                              disable=not show, leave=False):
         images = jax.make_array_from_process_local_data(data_sharding, batch["image"])
         for out, (embedder, params, model_state) in zip(parts, jobs):
             embedding, mirrored = embedder.step(params, model_state, images,

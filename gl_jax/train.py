@@ -37,7 +37,6 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import ml_collections
 import optax
-import tqdm
 
 from gl_jax import checkpoints as ckpt
 from gl_jax import data as gdata
@@ -47,6 +46,7 @@ from gl_jax import report
 from gl_jax import runtime
 from gl_jax import workdir_lock
 from gl_jax.config_checks import validate_config
+from gl_jax.data import progress
 from gl_jax.errors import NoUsableCheckpointError
 from gl_jax.feed import BatchFeed
 from gl_jax.losses import registry as loss_registry
@@ -470,10 +470,10 @@ def _train_stage(run: Run, stage: Stage, state, feed: BatchFeed):
         epoch_end = stage.first_step + (epoch + 1) * stage.steps_per_epoch
         if step == epoch_end - stage.steps_per_epoch and epoch in stage.reload_best_at:
             state = _reload_best(run, epoch, state)
-        bar = tqdm.tqdm(total=stage.steps_per_epoch,
-                        initial=step - (epoch_end - stage.steps_per_epoch),
-                        desc=f"{stage.name} epoch {epoch + 1}/{stage.epochs}", leave=False,
-                        disable=not (config.logging.progress and is_main), unit="step")
+        bar = progress.bar(total=stage.steps_per_epoch,
+                           initial=step - (epoch_end - stage.steps_per_epoch),
+                           desc=f"{stage.name} epoch {epoch + 1}/{stage.epochs}", leave=False,
+                           disable=not (config.logging.progress and is_main), unit="step")
         in_flight = None
         while step < epoch_end:
             state, metrics = step_fn(state, next(feed))
@@ -488,7 +488,7 @@ def _train_stage(run: Run, stage: Stage, state, feed: BatchFeed):
             in_flight = metrics["loss"]
             if step % int(config.logging.every_steps) == 0:
                 log.flush()
-                bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
+                bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", refresh=False)
             if step % int(config.checkpoint.every_steps) == 0 and step < epoch_end:
                 save()
             if run.preemption.should_stop(step):

@@ -258,7 +258,9 @@ def test_files_shared_by_splits_are_checked_once_and_reported_per_split(tmp_path
     assert [(b.split, b.index) for b in report.bad] == [("query", 1), ("gallery", 0)]
 
 
-def test_progress_bar_on_stderr(tmp_path, capsys):
+def test_progress_bar_on_stderr(tmp_path, capsys, monkeypatch):
+    from gl_jax.data import progress
+    monkeypatch.setattr(progress, "FILE_INTERVAL_S", 0.0)   # captured: not a terminal
     scan_splits({"train": _folder(tmp_path, [3, 3])}, full_decode=True, progress=True)
     assert "data scan (full)" in capsys.readouterr().err
 

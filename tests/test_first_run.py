@@ -60,7 +60,8 @@ def test_the_margin_is_out_of_reach_without_learning(tmp_path):
 
 def test_output_is_a_few_clean_lines(first_run):
     proc, results = first_run
-    # Lines end with '\n'; a progress bar redraws one line with '\r'.
+    # Into a pipe or a file progress comes in whole lines, not carriage-return redraws.
+    assert "\r" not in proc.stdout + proc.stderr
     lines = proc.stdout.split("\n") + proc.stderr.split("\n")
     # No dependency chatter: no absl INFO lines (I1130 12:00:00 ... or INFO:absl:...).
     chatter = [line for line in lines if re.match(r"^(I\d{4} |INFO:|WARNING:absl)", line)]

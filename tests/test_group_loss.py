@@ -307,6 +307,21 @@ def test_bad_input_raises(kwargs, match):
                           temperature=temperature)
 
 
+@pytest.mark.parametrize("temperature", [-1.0, 0.0, float("inf"), float("nan")])
+def test_a_bad_temperature_under_jit_is_nan(temperature):
+    """Under jit a traced temperature cannot be checked: -1 gave plausible finite numbers
+    (the prior of -logits). It must give NaN for every row; a good one stays finite."""
+    rng = np.random.default_rng(1)
+    logits = jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)
+    feats = jnp.asarray(rng.normal(size=(4, 5)), jnp.float32)
+    labels, anchors = jnp.array([0, 1, 0, 2]), jnp.array([True, False, False, False])
+    f = jax.jit(lambda t: losses.group_loss(logits, labels, anchors, feats, temperature=t))
+    assert np.isnan(f(jnp.float32(temperature))).all()
+    assert np.isfinite(f(jnp.float32(2.0))).all()
+    with pytest.raises(ValueError, match="temperature must be finite and > 0"):
+        losses.group_loss(logits, labels, anchors, feats, temperature=temperature)
+
+
 @pytest.mark.parametrize("bad", [-1, -2, 2, 5])
 @pytest.mark.parametrize("anchored", [False, True])
 def test_out_of_range_label_under_jit_is_nan(bad, anchored):

@@ -33,6 +33,7 @@ from PIL import Image
 from gl_jax.data.sampler import MODES, chunks_per_class
 from gl_jax.data.sources import (RGB_MODES, ArraySource, EncodedSource, FileSource, Source,
                                  SubsetSource, file_problem, to_rgb)
+from gl_jax.data.progress import bar as progress_bar
 
 SKIP_FLAG = "--config.data.skip_corrupt=True"
 _BLOCK = 256  # records per thread-pool task: few futures, a smooth progress bar
@@ -153,8 +154,6 @@ def _record_keys(leaf: Source, indices: np.ndarray) -> list:
 
 def _check_all(tasks: dict, full: bool, threads: int | None, progress: bool) -> dict:
     """{key: (leaf, index)} -> {key: reason} of the unreadable ones, on a thread pool."""
-    from tqdm import tqdm
-
     items = list(tasks.items())
     blocks = [items[i:i + _BLOCK] for i in range(0, len(items), _BLOCK)]
 
@@ -167,8 +166,8 @@ def _check_all(tasks: dict, full: bool, threads: int | None, progress: bool) -> 
         return found, len(block)
 
     bad = {}
-    bar = tqdm(total=len(items), desc=f"data scan ({'full' if full else 'header'})", leave=False,
-               unit="img", disable=not progress, mininterval=1.0)
+    bar = progress_bar(total=len(items), desc=f"data scan ({'full' if full else 'header'})",
+                       leave=False, unit="img", disable=not progress, mininterval=1.0)
     with bar, concurrent.futures.ThreadPoolExecutor(threads) as pool:
         for found, n in pool.map(check_block, blocks):
             bad.update(found)

@@ -215,7 +215,8 @@ def group_loss(logits: jax.Array,
             labels, non-boolean anchors, a non-positive temperature or, when the values are
             concrete (not under `jit`/`vmap`), labels outside `[0, m)`. Under `jit` the
             values cannot be checked: an out-of-range label (negative ones included) gives
-            a NaN loss for its row (and so a NaN mean), which a trainer's non-finite check
+            a NaN loss for its row (and so a NaN mean), and a non-positive or non-finite
+            traced temperature NaN for every row, which a trainer's non-finite check
             catches.
 
     Example:
@@ -240,7 +241,11 @@ def group_loss(logits: jax.Array,
     labels = jnp.asarray(labels)
     num_classes = logits.shape[1]
 
-    prior = jax.nn.softmax(logits / jnp.asarray(temperature, dtype), axis=-1)
+    # Under jit a traced temperature cannot be checked: a non-positive or non-finite one
+    # gives NaN everywhere, loudly, as an out-of-range label does for its row.
+    temperature = jnp.asarray(temperature, dtype)
+    temperature = jnp.where((temperature > 0) & jnp.isfinite(temperature), temperature, jnp.nan)
+    prior = jax.nn.softmax(logits / temperature, axis=-1)
     one_hot = jax.nn.one_hot(labels, num_classes, dtype=dtype)
     probs = jnp.where(jnp.asarray(anchors)[:, None], one_hot, prior)
 
