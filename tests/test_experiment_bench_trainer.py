@@ -1,10 +1,13 @@
 """experiments/bench_trainer.py: the bare step runs the trainer's step on its batches."""
 import argparse
 
+import pytest
+
 from experiments import bench_trainer
 from gl_jax import train
 
 
+@pytest.mark.slow   # a benchmark script's test: compiles a training step
 def test_the_bare_step_trains_on_the_trainers_uint8_batches(monkeypatch):
     seen = []
     step = train.train_step

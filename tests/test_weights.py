@@ -664,7 +664,10 @@ def _state_values(model) -> dict:
 # --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("arch", sorted(REFERENCE_STATE_DICTS))
+# The deepest ones (seconds each to build) run in the slow tier.
+@pytest.mark.parametrize("arch", [
+    pytest.param(a, marks=pytest.mark.slow) if a in ("bninception", "resnet101") else a
+    for a in sorted(REFERENCE_STATE_DICTS)])
 def test_reference_state_dict_fits_the_model_exactly(arch):
     """Every key of the PyTorch architecture has exactly one parameter of the right
     shape, and every parameter is covered (the key sets are equal)."""

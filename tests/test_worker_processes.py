@@ -52,6 +52,7 @@ time.sleep(60)
 """
 
 
+@pytest.mark.slow   # a fresh interpreter per case: seconds
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc")
 @pytest.mark.parametrize("when", ["running", "late"])
 def test_a_worker_exits_once_its_parent_is_killed(when):
