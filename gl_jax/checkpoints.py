@@ -185,12 +185,7 @@ def write_problem(error: BaseException) -> tuple[int, str | None] | None:
 
     Orbax writes arrays through tensorstore, whose errors arrive as ValueError whose text
     ends in `[os_error_code='28']`; other files fail with plain OSErrors."""
-    seen, todo = set(), [error]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
+    for e in _chain(error):
         if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
             return e.errno, e.filename
         text = str(e)
@@ -201,8 +196,19 @@ def write_problem(error: BaseException) -> tuple[int, str | None] | None:
             path = (re.search(r'Failed writing: "([^"]+)"', text)
                     or re.search(r'local file "([^"]+)"', text))
             return number, path.group(1) if path else None
-        todo += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
     return None
+
+
+def _chain(error: BaseException):
+    """`error` and every exception it was raised from or during (groups included), once."""
+    seen, todo = set(), [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        todo += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
 
 
 def _release(error: BaseException) -> None:
@@ -212,14 +218,8 @@ def _release(error: BaseException) -> None:
     still pending when the first one failed. Kept alive with the error until the
     interpreter shuts down, each was finalised then and printed a traceback
     (`ImportError: sys.meta_path is None`). The tracebacks stay printable."""
-    seen, todo = set(), [error]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
+    for e in _chain(error):
         traceback.clear_frames(e.__traceback__)
-        todo += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
     gc.collect()
 
 

@@ -71,36 +71,26 @@ def test_no_process_reads_a_checkpoint_before_its_manifest_is_written(
     assert barriers[0][1] == (process == 0)    # process 0 had written it by then
 
 
+def _one_process_reference(directory, overrides):
+    """The same run in this process with the same 4 devices: what the pair must match."""
+    config = digits.get_config("quick")
+    config.logging.progress = False
+    config.mesh.num_devices = 4
+    for dotted, value in overrides.items():
+        section, field = dotted.split(".")
+        config[section][field] = value
+    train.train_and_evaluate(config, directory)
+    return directory
+
+
 @pytest.mark.slow
 def test_two_processes_train_what_one_process_trains(tmp_path):
     workdir = str(tmp_path / "two_hosts" / "run")
     os.makedirs(workdir)
-    port = _free_port()
-    procs = [_launch(workdir, port, i) for i in (0, 1)]
-    deadline = time.time() + 300      # about 20 s when all is well
-    try:
-        for proc, _ in procs:
-            proc.wait(timeout=max(1.0, deadline - time.time()))
-    finally:
-        for proc, log in procs:       # a hung pair must not outlive the test
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            log.close()
-    for i, (proc, _) in enumerate(procs):
-        text = open(tmp_path / "two_hosts" / f"process{i}.log").read()
-        assert proc.returncode == 0, f"process {i} failed:\n{text[-3000:]}"
+    for i, (code, text) in enumerate(_run_pair(workdir, OVERRIDES)):
+        assert code == 0, f"process {i} failed:\n{text[-3000:]}"
         assert "JAX process %d / 2" % i in text
-
-    config = digits.get_config("quick")
-    config.logging.progress = False
-    config.mesh.num_devices = 4
-    for dotted, value in OVERRIDES.items():
-        section, field = dotted.split(".")
-        config[section][field] = value
-    reference = str(tmp_path / "one_host")
-    train.train_and_evaluate(config, reference)
-
+    reference = _one_process_reference(str(tmp_path / "one_host"), OVERRIDES)
     two, one = _losses(workdir), _losses(reference)
     assert len(one) == 7 and [s for s, _ in two] == [s for s, _ in one]
     np.testing.assert_allclose([v for _, v in two], [v for _, v in one], rtol=2e-5)
@@ -160,14 +150,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_and_the_rerun_resume
         assert code == 0, f"process {i}:\n{text[-3000:]}"
     assert f"resumed from step {stopped[0]}" in resumed[0][1]   # process 0 prints
 
-    config = digits.get_config("quick")
-    config.logging.progress = False
-    config.mesh.num_devices = 4
-    for dotted, value in overrides.items():
-        section, field = dotted.split(".")
-        config[section][field] = value
-    reference = str(tmp_path / "one_host")
-    train.train_and_evaluate(config, reference)
+    reference = _one_process_reference(str(tmp_path / "one_host"), overrides)
     got = json.load(open(os.path.join(workdir, "results.json")))["test"]
     want = json.load(open(os.path.join(reference, "results.json")))["test"]
     for key in ("recall@1", "recall@2", "map@r"):
