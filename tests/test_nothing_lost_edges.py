@@ -26,7 +26,7 @@ from gl_jax import runtime
 from gl_jax import train
 from gl_jax.errors import CheckpointWriteError
 
-from train_helpers import REPO, latest_params, quick_config, read_metrics
+from train_helpers import REPO, assert_same_params, quick_config, read_metrics
 
 slow = pytest.mark.slow
 
@@ -61,14 +61,6 @@ def finished_steps(workdir):
     return sorted(int(d) for d in os.listdir(directory)
                   if d.isdigit() and os.path.isfile(os.path.join(directory, d,
                                                                  checkpoints.MANIFEST)))
-
-
-def assert_same_params(workdir, reference):
-    step_a, params_a = latest_params(workdir)
-    step_b, params_b = latest_params(reference)
-    assert step_a == step_b == 40 and params_a.keys() == params_b.keys()
-    for key in params_a:
-        np.testing.assert_array_equal(params_a[key], params_b[key], err_msg=key)
 
 
 class _Stopped(Exception):

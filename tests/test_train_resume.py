@@ -18,7 +18,7 @@ import pytest
 from gl_jax import checkpoints
 from gl_jax import train
 
-from train_helpers import REPO, _Run, latest_params, quick_config, read_results
+from train_helpers import REPO, _Run, assert_same_params, latest_params, quick_config, read_results
 
 pytestmark = pytest.mark.slow
 CHECKPOINT_STEPS = (5, 10, 15, 20, 25, 30, 35, 40)   # 10: the stage boundary; 20, 30: eval
@@ -35,11 +35,7 @@ def reference(tmp_path_factory):
 def assert_same_run(workdir, reference):
     assert read_results(workdir)["test"] == read_results(reference)["test"]
     assert read_results(workdir)["selected_step"] == read_results(reference)["selected_step"]
-    step_a, params_a = latest_params(workdir)
-    step_b, params_b = latest_params(reference)
-    assert step_a == step_b == 40 and params_a.keys() == params_b.keys()
-    for key in params_a:
-        np.testing.assert_array_equal(params_a[key], params_b[key], err_msg=key)
+    assert_same_params(workdir, reference)
 
 
 def finished_steps(workdir):

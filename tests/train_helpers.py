@@ -44,6 +44,15 @@ def latest_params(workdir):
     return step, {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in flat}
 
 
+def assert_same_params(workdir, reference, step=40):
+    """The newest checkpoints of two runs hold the same step and bit-identical parameters."""
+    step_a, params_a = latest_params(workdir)
+    step_b, params_b = latest_params(reference)
+    assert step_a == step_b == step and params_a.keys() == params_b.keys()
+    for key in params_a:
+        np.testing.assert_array_equal(params_a[key], params_b[key], err_msg=key)
+
+
 class _Run:
     """`python -m gl_jax.main` on digits:quick in a subprocess, its output in a file (a pipe
     nobody reads would fill up and block the child)."""
