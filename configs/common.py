@@ -51,6 +51,9 @@ def get_config(dataset: str = "digits") -> ml_collections.ConfigDict:
     config.loss.num_iterations = 3
     config.loss.anchors_per_class = 2
     config.loss.random_anchors = False  # False: first k of each class, as the original
+    # True: the prior is a softmax over the batch's classes only (not the paper's; for
+    # many classes with few images each, where the softmax over all is nearly uniform).
+    config.loss.batch_prior = False
     config.loss.ce_weight = 0.3         # total = group loss + ce_weight * cross-entropy
     # The baselines (loss.name = 'triplet', 'contrastive', 'multi_similarity',
     # 'proxy_anchor', 'normalized_softmax') read their hyperparameters from
@@ -60,8 +63,10 @@ def get_config(dataset: str = "digits") -> ml_collections.ConfigDict:
         if name != "group_loss":
             config.loss[name] = ml_collections.ConfigDict(loss_registry.default_hparams(name))
 
-    # RAdam with decoupled weight decay (p <- p - lr * wd * p), as the official code.
+    # RAdam with decoupled weight decay (p <- p - lr * wd * p), as the official code;
+    # 'adamw' is torch's AdamW (the recipe of pytorch-metric-learning's examples).
     config.optimizer = ml_collections.ConfigDict()
+    config.optimizer.name = "radam"
     config.optimizer.lr = 2e-4
     config.optimizer.weight_decay = 0.0
     config.optimizer.b1 = 0.9
@@ -70,6 +75,9 @@ def get_config(dataset: str = "digits") -> ml_collections.ConfigDict:
     # Scales the classifier's steps (the proxies of proxy_anchor / normalized_softmax) in
     # the metric-loss stage; Proxy-Anchor's paper trains its proxies with 100 x the lr.
     config.optimizer.classifier_lr_multiplier = 1.0
+    # Scales the embedding layer's steps (a new layer on a pretrained backbone: the
+    # fine-tuning recipes of the field give it 10 x the backbone's lr).
+    config.optimizer.head_lr_multiplier = 1.0
 
     config.schedule = ml_collections.ConfigDict()
     config.schedule.epochs = 70   # 0: the warm-up stage alone (a classification baseline)
@@ -90,6 +98,9 @@ def get_config(dataset: str = "digits") -> ml_collections.ConfigDict:
     config.warmup.classes_per_batch = 8  # 8 x 4 = the reference's batch of 32
     config.warmup.samples_per_class = 4
     config.warmup.steps_per_epoch = 0
+    # True: the warm-up trains only the embedding layer and classifier, on the backbone's
+    # cached features (model.cache_features); the group stage then trains every layer.
+    config.warmup.freeze_backbone = False
 
     # 'paper': best test Recall@1 per epoch (selects on the test set, as the original);
     # 'validation': best Recall@1 on the class-disjoint 'val' split (needs

@@ -14,6 +14,8 @@ if TYPE_CHECKING:
 
 # config.data.scan: what gl_jax.data.scan reads of every file before training ('off': nothing).
 SCAN_MODES = ("header", "full", "off")
+# config.optimizer.name (gl_jax.optimizer.OPTIMIZERS, which imports JAX).
+OPTIMIZERS = ("radam", "adamw")
 
 
 def _require(ok: bool, field: str, value, rule: str) -> None:
@@ -45,8 +47,12 @@ def validate_fields(config) -> None:
         _require(0.0 <= float(value) < 1.0, field, value, "must be in [0, 1)")
     for field, value in (("optimizer.eps", opt.eps), ("warmup.eps", config.warmup.eps)):
         _require(float(value) > 0.0, field, value, "must be > 0")
-    _require(float(opt.classifier_lr_multiplier) > 0.0, "optimizer.classifier_lr_multiplier",
-             opt.classifier_lr_multiplier, "must be > 0")
+    _require(opt.name in OPTIMIZERS, "optimizer.name", opt.name,
+             f"must be one of {', '.join(map(repr, OPTIMIZERS))}")
+    for field in ("classifier_lr_multiplier", "head_lr_multiplier"):
+        value = float(opt[field])
+        _require(value > 0.0 and math.isfinite(value), f"optimizer.{field}", opt[field],
+                 "must be a finite number > 0")
     for field in ("evals.every_epochs", "evals.batch_size", "checkpoint.every_steps",
                   "checkpoint.max_to_keep", "logging.every_steps"):
         value = config[field.split(".")[0]][field.split(".")[1]]

@@ -163,6 +163,10 @@ def make_stages(config, train_source) -> list[Stage]:
     # A frozen backbone on un-augmented inputs computes the same features every epoch:
     # compute them once (config.model.cache_features) and train the head on them.
     cached = frozen and bool(config.model.cache_features)
+    # The warm-up alone may keep the backbone fixed (config.warmup.freeze_backbone): it
+    # then trains the embedding layer and classifier on cached features, an epoch for the
+    # cost of a matrix multiply, so that the group stage starts from an informed prior.
+    warmup_frozen = frozen or bool(config.warmup.freeze_backbone)
     if config.warmup.epochs > 0:
         sampler = ml_collections.ConfigDict({"classes_per_batch": config.warmup.classes_per_batch,
                                              "samples_per_class": config.warmup.samples_per_class,
@@ -177,16 +181,18 @@ def make_stages(config, train_source) -> list[Stage]:
                       make_optimizer(float(config.warmup.lr), eps=float(config.warmup.eps),
                                      b1=float(config.optimizer.b1),
                                      b2=float(config.optimizer.b2)),
-                      LossSpec(), sampler, data_config, frozen=frozen,
-                      from_features=cached)
+                      LossSpec(), sampler, data_config, frozen=warmup_frozen,
+                      from_features=warmup_frozen and bool(config.model.cache_features))
         stages.append(stage)
         step = stage.last_step
     spe = _steps_per_epoch(train_source, config.sampler, config.schedule.steps_per_epoch)
     drops = [(e - 1) * spe for e in config.schedule.lr_drop_epochs]
     opt = config.optimizer
     tx = make_optimizer(lr_schedule(float(opt.lr), drops, config.schedule.lr_drop_factors),
+                        name=str(opt.name),
                         weight_decay=float(opt.weight_decay), b1=float(opt.b1), b2=float(opt.b2),
                         eps=float(opt.eps),
+                        head_lr_multiplier=float(opt.head_lr_multiplier),
                         classifier_lr_multiplier=float(opt.classifier_lr_multiplier))
     loss_name, loss_hparams = loss_registry.hparams_from_config(config.loss)
     spec = LossSpec(name=loss_name, hparams=tuple(sorted(loss_hparams.items())),
@@ -335,8 +341,12 @@ def _train_with(config, workdir: str, checkpoints: ckpt.Checkpoints, mesh, split
             f"({next(iter(features.values())).shape[1]}-d); the head "
             + ("trains and " if any(s.from_features for s in stages) else "")
             + "is evaluated on them")
-    make_iterator = functools.partial(_train_iterator, splits["train"],
-                                      None if features is None else features["train"])
+    # The training split's features, for the stages that train on them (a frozen
+    # warm-up before a full fine-tune needs no others): computed when first asked for.
+    train_features = functools.cache(
+        lambda: features["train"] if features is not None else runtime.backbone_features(
+            graphdef, params, model_state, splits["train"], config, mesh, split="train"))
+    make_iterator = functools.partial(_train_iterator, splits["train"], train_features)
 
     meta = {"step": 0, "best_score": -math.inf, "best_step": -1, "best_epoch": -1,
             "protocol": config.selection.protocol}
@@ -388,7 +398,7 @@ def _train_iterator(source, features, stage: Stage):
     # uint8 batches: train_step normalises them.
     return gdata.make_train_iterator(
         source, stage.data_config, stage.sampler_config, process_index=jax.process_index(),
-        process_count=jax.process_count(), features=features if stage.from_features else None,
+        process_count=jax.process_count(), features=features() if stage.from_features else None,
         normalize=False)
 
 

@@ -14,18 +14,21 @@ from gl_jax import losses
 
 # ---------------------------------------------------------------------------------------
 # Independent reference, float64, written from the reference's section 1 with loops.
-def reference_group_loss(logits, labels, anchors, embeddings, temperature, num_iterations):
+def reference_group_loss(logits, labels, anchors, embeddings, temperature, num_iterations,
+                         batch_prior=False):
     logits = np.asarray(logits, np.float64)
     feats = np.asarray(embeddings, np.float64)
     n, m = logits.shape
+    # batch_prior: the softmax runs over the classes that occur in labels alone.
+    classes = sorted(set(int(y) for y in labels)) if batch_prior else list(range(m))
     x = np.zeros((n, m))
     for i in range(n):
         if anchors[i]:
             x[i, labels[i]] = 1.0
         else:
-            z = logits[i] / temperature
+            z = logits[i, classes] / temperature
             e = np.exp(z - z.max())
-            x[i] = e / e.sum()
+            x[i, classes] = e / e.sum()
     w = np.zeros((n, n))
     for i in range(n):
         for j in range(n):
@@ -89,6 +92,39 @@ def test_matches_numpy_reference_float64(seed, temperature, iterations):
                                 temperature=temperature, num_iterations=iterations)
         assert got.dtype == jnp.float64
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed,iterations", [(10, 1), (11, 3)])
+def test_batch_prior_matches_numpy_reference(seed, iterations):
+    """The prior renormalised over the batch's classes: 4 of 30 classes occur."""
+    logits, labels, anchors, feats = random_problem(seed, m=30, classes=4)
+    expected = reference_group_loss(logits, labels, anchors, feats, 3.0, iterations,
+                                    batch_prior=True)
+    with jax.enable_x64(True):
+        got = losses.group_loss(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(anchors),
+                                jnp.asarray(feats), temperature=3.0,
+                                num_iterations=iterations, batch_prior=True)
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-10, atol=1e-12)
+    plain = reference_group_loss(logits, labels, anchors, feats, 3.0, iterations)
+    assert np.max(np.abs(plain - expected)) > 1e-2   # the option changes the loss
+
+
+def test_batch_prior_gradients_and_vmap():
+    logits, labels, anchors, feats = random_problem(12, n=8, m=20, classes=3)
+    fn = lambda z, f: jnp.sum(losses.group_loss(z, labels, anchors, f, temperature=2.0,
+                                                num_iterations=2, batch_prior=True))
+    with jax.enable_x64(True):
+        jtu.check_grads(fn, (jnp.asarray(logits), jnp.asarray(feats)), order=1,
+                        modes=("rev",), atol=1e-6, rtol=1e-6)
+        grads = jax.grad(fn)(jnp.asarray(logits), jnp.asarray(feats))
+    absent = np.setdiff1d(np.arange(20), labels)
+    assert np.all(np.asarray(grads)[:, absent] == 0)   # absent classes take no part
+    batched = jax.vmap(lambda z, f: losses.group_loss(z, labels, anchors, f, batch_prior=True))(
+        jnp.stack([logits, 2 * logits]).astype(jnp.float32),
+        jnp.stack([feats, feats]).astype(jnp.float32))
+    single = losses.group_loss(jnp.asarray(2 * logits, jnp.float32), labels, anchors,
+                               jnp.asarray(feats, jnp.float32), batch_prior=True)
+    np.testing.assert_allclose(batched[1], single, rtol=1e-6)
 
 
 def test_float32_close_to_reference():

@@ -109,7 +109,7 @@ def test_hparams_from_config():
     name, hp = registry.hparams_from_config(loss)
     assert name == "group_loss"
     assert hp == dict(temperature=10.0, num_iterations=3, anchors_per_class=1,
-                      random_anchors=False, ce_weight=0.0)
+                      random_anchors=False, batch_prior=False, ce_weight=0.0)
     assert isinstance(hp["temperature"], float)
 
     loss.name = "triplet"

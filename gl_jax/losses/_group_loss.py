@@ -173,12 +173,14 @@ def group_loss(logits: jax.Array,
                embeddings: jax.Array | None = None,
                *,
                temperature: float | jax.Array = 1.0,
-               num_iterations: int = 1) -> jax.Array:
+               num_iterations: int = 1,
+               batch_prior: bool = False) -> jax.Array:
     r"""Per-example Group Loss.
 
     With `n` samples, `m` training classes, logits `z`, labels `y`, anchor mask `a`:
 
-    1. prior: :math:`X^0_i = \mathrm{softmax}(z_i / T)` over all m classes, and
+    1. prior: :math:`X^0_i = \mathrm{softmax}(z_i / T)` over all m classes (with
+          `batch_prior`, over the classes of the batch's labels alone), and
           :math:`X^0_i = \mathrm{onehot}(y_i)` for anchors;
     2. similarity: :math:`W = \texttt{pearson\_similarity}(f)` (Pearson correlation of the
           embeddings, negatives clipped to 0, diagonal 1);
@@ -204,6 +206,11 @@ def group_loss(logits: jax.Array,
             differs from the paper and is only meant for models without a separate embedding.
         temperature: softmax temperature T > 0 of the prior (a float or a scalar array).
         num_iterations: replicator steps, a Python int >= 0 (the original uses 1).
+        batch_prior: renormalise the prior over the classes present in `labels` (the
+            others get probability 0). Not the paper's: with many training classes and an
+            untrained classifier the softmax over all m is nearly uniform and the labels
+            then spread from the anchors alone; over the batch's few classes the same
+            logits say more. The labels only choose which classes compete.
 
     Returns:
         `[n]` per-example loss; the caller reduces (e.g. `jnp.mean`). float32 for
@@ -245,8 +252,12 @@ def group_loss(logits: jax.Array,
     # gives NaN everywhere, loudly, as an out-of-range label does for its row.
     temperature = jnp.asarray(temperature, dtype)
     temperature = jnp.where((temperature > 0) & jnp.isfinite(temperature), temperature, jnp.nan)
-    prior = jax.nn.softmax(logits / temperature, axis=-1)
+    scaled = logits / temperature
     one_hot = jax.nn.one_hot(labels, num_classes, dtype=dtype)
+    if batch_prior:
+        in_batch = jnp.any(one_hot > 0, axis=0)
+        scaled = jnp.where(in_batch[None, :], scaled, -jnp.inf)
+    prior = jax.nn.softmax(scaled, axis=-1)
     probs = jnp.where(jnp.asarray(anchors)[:, None], one_hot, prior)
 
     features = logits if embeddings is None else embeddings

@@ -47,7 +47,7 @@ _ENTRIES = (
               # num_iterations 3 and ce_weight 0.3 (the paper: 1 and 1.0) were chosen
               # on validation data by experiments/omniglot/study.py (STUDY.md).
               dict(temperature=24.0, num_iterations=3, anchors_per_class=2,
-                   random_anchors=False, ce_weight=0.3),
+                   random_anchors=False, batch_prior=False, ce_weight=0.3),
               needs_proxies=False,
               description="Group Loss (Elezi et al. 2020) + auxiliary cross-entropy"),
     LossEntry("cross_entropy",
@@ -155,7 +155,7 @@ def hparams_from_config(loss_config) -> tuple[str, dict[str, Any]]:
 
 
 def _group(embeddings, logits, labels, step_key, *, temperature, num_iterations,
-           anchors_per_class, random_anchors):
+           anchors_per_class, random_anchors, batch_prior):
     if random_anchors:
         if step_key is None:
             raise ValueError("group_loss with random_anchors=True needs step_key (a PRNG key).")
@@ -163,7 +163,7 @@ def _group(embeddings, logits, labels, step_key, *, temperature, num_iterations,
     else:
         anchors = anchor_mask(labels, anchors_per_class)
     return jnp.mean(group_loss(logits, labels, anchors, embeddings, temperature=temperature,
-                               num_iterations=num_iterations))
+                               num_iterations=num_iterations, batch_prior=batch_prior))
 
 
 _CALLS: Mapping[str, Callable[..., jax.Array]] = {
