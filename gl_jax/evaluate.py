@@ -9,6 +9,8 @@
 `--evaluate.<field>` overrides a field of `gl_jax.ablation.default_settings()` (which
 strategies, their values, the checkpoint, the output folder, the pictures).
 """
+import os
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -40,12 +42,16 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     settings = FLAGS.evaluate
     for w in FLAGS.workdir:   # a clear message about a bad workdir comes first
-        checkpoints.find(w, settings.checkpoint)
+        if not os.path.isdir(w):
+            raise FileNotFoundError(f"--workdir={w!r} does not exist.")
     config = FLAGS.config if FLAGS.config is not None else ablation.load_workdir_config(
         FLAGS.workdir[0])
-    chosen = xla_flags.apply(config)   # before the evaluation starts a JAX backend
+    # Before anything starts a JAX backend: Orbax does, when it looks for the checkpoints.
+    chosen = xla_flags.apply(config)
     if chosen:
         logging.info(chosen)
+    for w in FLAGS.workdir:
+        checkpoints.find(w, settings.checkpoint)
     ablation.run(config, FLAGS.workdir, settings)
 
 

@@ -68,7 +68,7 @@ def normalization_info(name: str) -> dict:
             "formula": "input[..., j] = (x[..., channel_order[j]] - mean[j]) / std[j]"}
 
 
-def _sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
 
@@ -100,7 +100,7 @@ def describe(config, workdir: str, checkpoint: str, requested: str, exported,
         "checkpoint": {"requested": requested, "step": int(os.path.basename(checkpoint)),
                        "path": os.path.relpath(checkpoint, os.path.abspath(workdir))},
         "dataset": str(data.name),
-        "config_sha256": _sha256(os.path.join(workdir, "config.json")),
+        "config_sha256": file_sha256(os.path.join(workdir, "config.json")),
         "platforms": list(exported.platforms),
         "jax_version": jax.__version__,
         "calling_convention_version": int(exported.calling_convention_version),
@@ -153,7 +153,7 @@ def export_function(embed, image_size: int, platforms: Sequence[str] = PLATFORMS
 
 
 # ------------------------------------------------------------------------------ files
-def _check_output(output: str) -> str:
+def check_output(output: str) -> str:
     """The folder of ``output`` (created if missing), after checking that it takes files:
     a bad --output fails before the restore and the export, not after them."""
     if not output:
@@ -204,7 +204,7 @@ def export_embedding(workdir: str, output: str, checkpoint: str = "best", *,
     if not platforms or unknown:
         raise ValueError(f"platforms must be some of {PLATFORMS}, got {list(platforms)}")
     check_workdir(workdir, checkpoint)
-    _check_output(output)
+    check_output(output)
     config, member = restore(workdir, checkpoint)
     embed = embedding_function(member, str(config.data.normalization))
     exported = export_function(embed, int(config.data.image_size), platforms)

@@ -90,6 +90,7 @@ def final_results(workdir: str, meta: dict, protocol_name: str, metrics: dict | 
                                  "(config.evals.final_test = False)"})
         say("\nNo test evaluation (config.evals.final_test = False); the same command with "
             "--config.evals.final_test=True evaluates this run's selected model.\n")
+        _say_use_commands(workdir)
         return
     if unrestored is not None:
         note = (f"NOT the selected model (epoch {meta['best_epoch']}, step "
@@ -120,6 +121,14 @@ def final_results(workdir: str, meta: dict, protocol_name: str, metrics: dict | 
         table = metric_writers.markdown_table(["held-out metric", "value"],
                                               [[k, metrics[k]] for k in names])
     say(f"\nTest metrics ({note}):\n{table}\n")
+    _say_use_commands(workdir)
+
+
+def _say_use_commands(workdir: str) -> None:
+    """The run's last lines: how to embed its held-out images and search them."""
+    if jax.process_index() == 0:
+        from gl_jax import embed   # the commands' grammar lives there
+        say(embed.use_commands(workdir) + "\n")
 
 
 def _strict(value):
