@@ -24,6 +24,22 @@ def test_config_loads_and_names_known_pieces(name, arg):
         assert config.schedule.steps_per_epoch > 0 or config.data.name == "digits"
 
 
+def test_image_folder_many_classes_is_the_studys_chosen_recipe():
+    """configs/image_folder.py:many_classes sets what experiments/finetune/study.py chose."""
+    from gl_jax import sweep
+    module = importlib.import_module("configs.image_folder")
+    config = module.get_config("many_classes")
+    study = sweep.load_module("experiments/finetune/study.py")
+    for dotted, value in study.CHOSEN.items():
+        section, field = dotted.split(".")
+        assert config[section][field] == value, dotted
+    reference = study.get_config()
+    for dotted in ("model.name", "model.embedding_dim", "data.image_size", "data.resize_size",
+                   "sampler.classes_per_batch", "sampler.samples_per_class"):
+        section, field = dotted.split(".")
+        assert config[section][field] == reference[section][field], dotted
+
+
 @pytest.mark.parametrize("name", CONFIGS)
 def test_unknown_config_argument_is_refused(name):
     module = importlib.import_module(f"configs.{name}")
