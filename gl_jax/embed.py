@@ -236,45 +236,33 @@ def decode_problems(source: gdata.Source, records: Sequence[int]) -> dict[int, s
 
 
 # ------------------------------------------------------------------------------- model
-class _QuietSkips(std_logging.Filter):
-    """The eval pipeline logs each image it leaves out; here they are collected and named
-    in one line instead (an error, or the stdout summary)."""
-
-    def filter(self, record: std_logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("skip_corrupt:")
-
-
 @contextlib.contextmanager
-def _quiet_skips():
-    quiet = _QuietSkips()
-    root = std_logging.getLogger()
-    root.addFilter(quiet)
-    try:
-        yield
-    finally:
-        root.removeFilter(quiet)
-
-
-class _ReadOnlyNotes(std_logging.Filter):
-    """Orbax warns each time it opens a checkpoint folder read-only, which is all that
-    embedding and searching ever do: the command lines drop those two notes."""
-
-    def filter(self, record: std_logging.LogRecord) -> bool:
-        text = str(record.msg)
-        return not ("orbax" in record.pathname and ("read_only=True" in text
-                                                    or "directory is read only" in text))
-
-
-@contextlib.contextmanager
-def quiet_read_only_notes():
-    """The command lines' absl logger without Orbax's read-only notes (see above)."""
-    quiet = _ReadOnlyNotes()
-    logger = absl_logging.get_absl_logger()
+def _dropping(logger: std_logging.Logger, drop):
+    """`logger` without the records for which `drop(record)` is true, inside the block."""
+    class _Drop(std_logging.Filter):
+        def filter(self, record: std_logging.LogRecord) -> bool:
+            return not drop(record)
+    quiet = _Drop()
     logger.addFilter(quiet)
     try:
         yield
     finally:
         logger.removeFilter(quiet)
+
+
+def _quiet_skips():
+    """The eval pipeline logs each image it leaves out; here they are collected and named
+    in one line instead (an error, or the stdout summary)."""
+    return _dropping(std_logging.getLogger(),
+                     lambda record: str(record.msg).startswith("skip_corrupt:"))
+
+
+def quiet_read_only_notes():
+    """The command lines' absl logger without Orbax's notes that it opened a checkpoint
+    folder read-only, which is all that embedding and searching ever do."""
+    return _dropping(absl_logging.get_absl_logger(), lambda record: "orbax" in record.pathname
+                     and ("read_only=True" in str(record.msg)
+                          or "directory is read only" in str(record.msg)))
 
 
 def _mesh_for(batch_size: int):
