@@ -38,21 +38,29 @@ import math
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
-pml_miners = pytest.importorskip("pytorch_metric_learning.miners")
-pml_reducers = pytest.importorskip("pytorch_metric_learning.reducers")
+import jax
+import jax.numpy as jnp
 
-import jax  # noqa: E402  (after the skips: nothing to import if they fire)
-import jax.numpy as jnp  # noqa: E402
-
-from gl_jax import losses  # noqa: E402
-from gl_jax.losses import registry  # noqa: E402
+from gl_jax import losses
+from gl_jax.losses import registry
 
 pytestmark = pytest.mark.slow   # 41 cases in float64, about 40 s
 
-# Two cores shared with other jobs: torch's default thread pool only adds contention.
-torch.set_num_threads(1)
+torch = pml_losses = pml_miners = pml_reducers = None
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _pml():
+    """torch and PML, imported when a test of this module runs (the fast tier collects
+    the module without paying for them), or every test skipped without them."""
+    global torch, pml_losses, pml_miners, pml_reducers
+    torch = pytest.importorskip("torch")
+    pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
+    pml_miners = pytest.importorskip("pytorch_metric_learning.miners")
+    pml_reducers = pytest.importorskip("pytorch_metric_learning.reducers")
+    # Two cores shared with other jobs: torch's default thread pool only adds contention.
+    torch.set_num_threads(1)
+
 
 # Float64 on both sides: what is left is rounding, far below any modelling difference.
 RTOL, ATOL = 1e-9, 1e-11

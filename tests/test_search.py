@@ -1,7 +1,7 @@
 """Tests of `gl_jax.Index` and `python -m gl_jax.search`: exact search against a NumPy
 brute force written from the definition, one file round trip, the model checks, the
-leave-one-out that reproduces the run's Recall@1 (digits:quick in the fast tier, the
-default Omniglot run in the slow tier), and each error as one line."""
+leave-one-out that reproduces the run's Recall@1 (digits:quick; the Omniglot run's printed
+commands are tests/test_first_run.py's), and each error as one line."""
 import json
 import shutil
 import subprocess
@@ -263,59 +263,3 @@ def test_the_command_line(trained, test_index, tmp_path):
         f.write(" ")
     one_line(_search_command(f"--index={path}", "--query=split:test:0", f"--workdir={other}"),
              "was embedded by another model")
-
-
-@pytest.fixture(scope="module")
-def default_run(tmp_path_factory):
-    """README's first command, the default Omniglot config, in a subprocess (about a
-    minute on 2 CPU cores): (workdir, its stdout)."""
-    workdir = tmp_path_factory.mktemp("omniglot_default")
-    proc = subprocess.run([sys.executable, "-m", "gl_jax.main", "--config=configs/omniglot.py",
-                           f"--workdir={workdir}", "--config.logging.progress=False"],
-                          cwd=REPO, capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return str(workdir), proc.stdout
-
-
-@pytest.mark.slow
-def test_the_default_runs_commands_reproduce_its_evaluation(default_run, tmp_path):
-    """The run ends with the commands that embed its 106 test characters and search them;
-    run as printed, the embeddings are the evaluator's (evaluate/embeddings.npz) within
-    1e-6, and every test image as a query (itself left out) gives the run's Recall@1."""
-    workdir, stdout = default_run
-    printed = [line.strip() for line in stdout.splitlines() if "python -m gl_jax." in line]
-    assert printed == [
-        f"python -m gl_jax.embed --workdir={workdir} --images=split:test "
-        f"--output={workdir}/embed/test.npz",
-        f"python -m gl_jax.search --index={workdir}/embed/test.npz --query=split:test:0 --k=5"]
-    for command in printed:
-        proc = subprocess.run([sys.executable, *command.split()[1:]], cwd=REPO,
-                              capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("\n") == 1 + 1 + 5   # the index, the query, its 5 neighbours
-
-    evaluated = subprocess.run(
-        [sys.executable, "-m", "gl_jax.evaluate", f"--workdir={workdir}",
-         "--evaluate.strategies=flip", "--evaluate.pictures=False", "--evaluate.tsne=False",
-         "--evaluate.nmi=False"], cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-    index = Index.load(f"{workdir}/embed/test.npz")
-    with np.load(f"{workdir}/evaluate/embeddings.npz", allow_pickle=False) as z:
-        expected, labels = z["test_embedding"], z["test_label"]
-    assert index.embeddings.shape == expected.shape == (2120, 64)
-    assert len(index.class_names) == 106
-    np.testing.assert_array_equal(index.labels, labels)
-    difference = float(np.max(np.abs(index.embeddings - expected)))
-    print(f"max abs difference to evaluate/embeddings.npz: {difference:.3g}")
-    assert difference <= 1e-6
-
-    found = _search_command(f"--index={workdir}/embed/test.npz", "--query=split:test", "--k=1",
-                            f"--output={tmp_path / 'all.json'}")
-    assert found.returncode == 0, found.stderr[-3000:]
-    with open(tmp_path / "all.json") as f:
-        queries = json.load(f)["queries"]
-    assert [q["excluded_row"] for q in queries] == list(range(2120))
-    recall = float(np.mean([q["neighbours"][0]["class"] == q["class"] for q in queries]))
-    reported = read_results(workdir)["test"]["recall@1"]
-    print(f"leave-one-out Recall@1 {recall} (results.json: {reported})")
-    assert recall == reported

@@ -1,4 +1,4 @@
-"""Nothing lost: kills at every checkpoint, SIGTERM, damaged checkpoints, one run per
+"""Nothing lost: kills after each kind of checkpoint, SIGTERM, damaged checkpoints, one run per
 workdir, bad data and bad settings found before training, one-line user errors.
 
 digits:quick: a warm-up of 10 steps, then 3 Group Loss epochs of 10 steps, checkpoints
@@ -21,7 +21,10 @@ from gl_jax import train
 from train_helpers import REPO, _Run, assert_same_params, latest_params, quick_config, read_results
 
 pytestmark = pytest.mark.slow
-CHECKPOINT_STEPS = (5, 10, 15, 20, 25, 30, 35, 40)   # 10: the stage boundary; 20, 30: eval
+# Every kind of checkpoint: 5 within the warm-up, 10 the stage boundary, 20 and 30 epoch
+# ends before their evaluation (30 also before the learning-rate drop), 25 within a Group
+# Loss epoch, 40 the last, before the final evaluation.
+KILL_STEPS = (5, 10, 20, 25, 30, 40)
 
 
 @pytest.fixture(scope="module")
@@ -47,20 +50,20 @@ def finished_steps(workdir):
 
 
 # ---------------------------------------------------------------------------- SIGKILL
-def test_sigkill_right_after_every_checkpoint_then_resume_matches_uninterrupted(
+def test_sigkill_right_after_each_kind_of_checkpoint_then_resume_matches_uninterrupted(
         reference, tmp_path):
-    """The process kills itself right after saving each checkpoint (the boundary between
-    the stages and the epoch ends before their evaluation included); each rerun of the
-    same command resumes; the last one ends exactly as the uninterrupted run."""
+    """The process kills itself right after saving a checkpoint of each kind (KILL_STEPS);
+    each rerun of the same command resumes where the last one died; the last one ends
+    exactly as the uninterrupted run."""
     workdir = str(tmp_path / "killed")
-    env = {"GL_JAX_KILL_AFTER_SAVE": ",".join(str(s) for s in CHECKPOINT_STEPS)}
-    for expected in CHECKPOINT_STEPS:
+    env = {"GL_JAX_KILL_AFTER_SAVE": ",".join(str(s) for s in KILL_STEPS)}
+    for previous, expected in zip((None,) + KILL_STEPS, KILL_STEPS):
         code, out = _Run(workdir, env=env).wait()
         assert code == -signal.SIGKILL, out
         assert finished_steps(workdir)[-1] == expected
         assert not os.path.exists(os.path.join(workdir, "results.json"))
-        if expected > 5:
-            assert f"resumed from step {expected - 5}" in out
+        if previous is not None:
+            assert f"resumed from step {previous}" in out
     code, out = _Run(workdir, env=env).wait()
     assert code == 0 and "resumed from step 40" in out, out
     assert_same_run(workdir, reference)
