@@ -1,4 +1,4 @@
-"""The embedded default: scikit-learn's bundled 8x8 digits, nothing to download.
+"""A smoke test on scikit-learn's bundled 8x8 digits, nothing to download.
 
     python -m gl_jax.main --config=configs/digits.py --workdir=/tmp/gl_digits
     python -m gl_jax.main --config=configs/digits.py:quick --workdir=/tmp/gl_digits_quick

