@@ -23,12 +23,20 @@ from gl_jax.evaluation import exact_knn
 from train_helpers import REPO, quick_config
 
 
+# Any trained model will do here: digits:quick without its warm-up, one Group Loss epoch
+# of STEPS steps, evaluated (and so selected) at its end.
+STEPS = 4
+
+
 def digits_run(tmp_path_factory) -> str:
-    """A trained digits:quick workdir, trained once per test session: test_search.py uses
-    the same one (about 7 s of training)."""
+    """A trained digits workdir, trained once per test session: test_search.py uses the
+    same one."""
     workdir = tmp_path_factory.getbasetemp() / "embed_digits_run"
     if not (workdir / "results.json").is_file():
-        train.train_and_evaluate(quick_config(), str(workdir))
+        train.train_and_evaluate(quick_config(
+            warmup__epochs=0, schedule__epochs=1, schedule__steps_per_epoch=STEPS,
+            schedule__lr_drop_epochs=(), schedule__lr_drop_factors=(),
+            evals__untrained_baseline=False), str(workdir))
     return str(workdir)
 
 
@@ -163,8 +171,8 @@ def test_the_test_split_gets_the_evaluation_embeddings(trained, tmp_path):
     assert not lines and not os.path.exists(tmp_path / "test.npz.parts")
     loaded = index_lib.Index.load(str(tmp_path / "test.npz"))
     np.testing.assert_array_equal(loaded.embeddings, index.embeddings)
-    assert loaded.model == index.model and loaded.model["step"] == 40
-    assert loaded.model["checkpoint"] == {"requested": "best", "path": "best/40"}
+    assert loaded.model == index.model and loaded.model["step"] == STEPS
+    assert loaded.model["checkpoint"] == {"requested": "best", "path": f"best/{STEPS}"}
     assert loaded.images == "split:test" and loaded.model["workdir"] == trained
 
 
@@ -375,7 +383,8 @@ def test_the_command_line(trained, tmp_path):
                                   "3 classes)")
     with np.load(output, allow_pickle=False) as z:
         meta = json.loads(str(z["meta"].item()))
-    assert meta["model"]["checkpoint"] == {"requested": "latest", "path": "checkpoints/40"}
+    assert meta["model"]["checkpoint"] == {"requested": "latest",
+                                           "path": f"checkpoints/{STEPS}"}
 
     bad = tmp_path / "imgs" / "c" / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n broken")

@@ -18,7 +18,7 @@ from gl_jax import runtime
 from gl_jax import search
 from gl_jax.evaluation import clustering
 from gl_jax.index import Index
-from test_embed import assert_one_line_user_error, digits_run, write_images
+from test_embed import STEPS, assert_one_line_user_error, digits_run, write_images
 from train_helpers import REPO, read_results
 
 
@@ -199,7 +199,7 @@ def test_another_model_is_refused(trained, test_index, tmp_path):
     moved.save(str(tmp_path / "moved.npz"))
     with pytest.raises(ValueError) as error:
         search.search_images(str(tmp_path / "moved.npz"), ["split:test:0"], 2)
-    assert_one_line_user_error(error, "was embedded by step 12", "is now step 40")
+    assert_one_line_user_error(error, "was embedded by step 12", f"is now step {STEPS}")
     gone = Index(index.embeddings, model=dict(index.model, workdir=str(tmp_path / "gone")))
     gone.save(str(tmp_path / "gone.npz"))
     with pytest.raises(FileNotFoundError) as error:
@@ -239,7 +239,8 @@ def test_the_command_line(trained, test_index, tmp_path):
                            f"--output={tmp_path / 'found.json'}")
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
-    assert lines[0].startswith(f"index {path}: 896 embeddings of split:test (small_cnn, step 40")
+    assert lines[0].startswith(
+        f"index {path}: 896 embeddings of split:test (small_cnn, step {STEPS}")
     assert lines[1] == f"query {queries[0]}" and lines[6].startswith(f"query {index.paths[9]}")
     assert lines[-1] == f"wrote {tmp_path / 'grid.png'}"
     with open(tmp_path / "found.json") as f:
