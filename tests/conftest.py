@@ -30,18 +30,9 @@ def digits():
     return config, gdata.default_sampler_config("digits"), gdata.load_splits(config)
 
 
-def pytest_collection_finish(session):
-    """Collection imported JAX, Flax, Orbax, TF Datasets and the rest, and the tests grow
-    JAX's caches: a heap of millions of objects that full garbage collections scan, about
-    0.3 s each (8 s per process over the fast tier). The imports go out of the
-    collector's reach, and full passes come a tenth as often."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(10_000, 10, 100)
-
-
 def pytest_sessionfinish(session, exitstatus):
-    """The tests leave a large heap (JAX's traces and caches). pytest's end-of-session
-    cleanup and the atexit handlers run full garbage collections over it, seconds each,
-    while xdist waits for its workers: everything alive now is moved out of reach too."""
+    """The tests leave a heap of millions of objects (JAX's traces and caches). pytest's
+    end-of-session cleanup and the atexit handlers run full garbage collections over it,
+    seconds each, while xdist waits for its workers: everything alive now is moved out
+    of the collector's reach first."""
     gc.freeze()
