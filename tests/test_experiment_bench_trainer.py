@@ -1,4 +1,4 @@
-"""experiments/bench_trainer.py: the bare step runs the trainer's step on its batches."""
+"""experiments/bench_trainer.py: the bare steps run the trainer's step on its batches."""
 import argparse
 
 import pytest
@@ -13,12 +13,14 @@ def test_the_bare_step_trains_on_the_trainers_uint8_batches(monkeypatch):
     step = train.train_step
 
     def recording(graphdef, tx, spec, state, batch, **kwargs):
-        seen.append((batch["image"].dtype.name, kwargs.get("normalization")))
+        seen.append((batch["image"].dtype.name, kwargs.get("normalization"), spec.name))
         return step(graphdef, tx, spec, state, batch, **kwargs)
 
     monkeypatch.setattr(train, "train_step", recording)
-    args = argparse.Namespace(model="small_cnn", size=32, steps=2)
-    seconds = bench_trainer.bare_step(args, lite0="")
-    assert seconds > 0
-    # traced once, on the uint8 batch, with the omniglot config's normalisation
-    assert seen and set(seen) == {("uint8", "unit")}
+    args = argparse.Namespace(model="small_cnn", size=32, steps=2, dtype="float32")
+    assert bench_trainer.bare_step(args, lite0="") > 0
+    assert bench_trainer.bare_step(args, lite0="", ce_only=True) > 0
+    # traced once each, on the uint8 batch, with the omniglot config's normalisation; the
+    # Group Loss stage's step, then the one with the cross-entropy alone
+    assert [s[:2] for s in seen] == [("uint8", "unit")] * 2
+    assert [s[2] for s in seen] == ["group_loss", None]
