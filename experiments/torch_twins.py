@@ -1,6 +1,6 @@
 """PyTorch eager twins of the gl_jax backbones, for bench_models' side-by-side column.
 
-``torch_model(name, num_classes, size)`` computes what ``create_model(name,
+``torch_model(name, num_classes)`` computes what ``create_model(name,
 num_classes=n)`` computes in training mode (backbone, global average pool, Linear(C, n);
 NCHW) with the same parameter count. The ResNets are torchvision's; EfficientNet-Lite0
 (``Lite0``, which also loads the ImageNet weights: experiments/finetune/pml_baseline.py
@@ -128,7 +128,7 @@ def bninception():
             ], block_out_channels(INCEPTION_BLOCKS[-1])
 
 
-def torch_model(name: str, num_classes: int, size: int) -> nn.ModuleDict:
+def torch_model(name: str, num_classes: int) -> nn.ModuleDict:
     """The twin of ``name`` in training mode: ``body`` (images NCHW -> pooled features)
     and ``fc`` (the classifier)."""
     if name.startswith("resnet"):
@@ -152,7 +152,7 @@ def serve(conn, name: str, num_classes: int, size: int, batch: int, lr: float) -
     """bench_models' child process: sends the twin's parameter count, then for each
     message runs one training step (bench_models' loss, SGD) and sends its seconds,
     until bench_models closes the pipe."""
-    model = torch_model(name, num_classes, size)
+    model = torch_model(name, num_classes)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     images = torch.randn(batch, 3, size, size)
     conn.send(sum(p.numel() for p in model.parameters()))

@@ -125,7 +125,7 @@ def test_each_twin_has_gl_jax_parameter_count_and_feature_size(name):
     import torch
     twins = runpy.run_path(bench_models.TWINS)
     size = 227 if name == "bninception" else 40
-    twin = twins["torch_model"](name, 10, size)
+    twin = twins["torch_model"](name, 10)
     model = nnx.eval_shape(lambda: create_model(name, num_classes=10, rngs=nnx.Rngs(0)))
     assert sum(p.numel() for p in twin.parameters()) == count_params(model)
     pooled = twin["body"](torch.zeros(2, 3, size, size))

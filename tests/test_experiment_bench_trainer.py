@@ -18,8 +18,9 @@ def test_the_bare_step_trains_on_the_trainers_uint8_batches(monkeypatch):
 
     monkeypatch.setattr(train, "train_step", recording)
     args = argparse.Namespace(model="small_cnn", size=32, steps=2, dtype="float32")
-    assert bench_trainer.bare_step(args, lite0="") > 0
-    assert bench_trainer.bare_step(args, lite0="", ce_only=True) > 0
+    seconds = bench_trainer.bare_steps(args, lite0="")
+    assert list(seconds) == [bench_trainer.GROUP_LOSS, bench_trainer.CE_ONLY]
+    assert all(s > 0 for s in seconds.values())
     # traced once each, on the uint8 batch, with the omniglot config's normalisation; the
     # Group Loss stage's step, then the one with the cross-entropy alone
     assert [s[:2] for s in seen] == [("uint8", "unit")] * 2
