@@ -157,10 +157,12 @@ def run_point(sweep: Sweep, index: int, test: bool) -> None:
     # Imported here: the process that schedules the runs and writes the table needs no JAX.
     import jax
     from gl_jax import train
-    # Every run of a sweep compiles the same few programs: keep them between processes.
-    jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.dirname(sweep.root),
-                                                                "jax_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    # Every run of a sweep compiles the same few programs: keep them between processes
+    # (in the user's own JAX_COMPILATION_CACHE_DIR where one is set).
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir",
+                          os.path.join(os.path.dirname(sweep.root), "jax_cache"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     point = (sweep.test if test else sweep.points)[index]
     config = sweep.config(point, final_test=True if test else None)
     workdir = sweep.workdir(point)

@@ -136,6 +136,7 @@ def test_a_sweep_trains_each_point_once_then_tests_only_the_chosen(tmp_path):
     rows = [line for line in text.splitlines() if line.startswith("| loss.name=")]
     assert len(rows) == 2 and all("| 2 |" in row for row in rows)
     assert "test R@1" not in text                     # nothing tested yet
+    report.write_text(text + "\nmy reading of the table\n")   # below the notes marker
     # Again: nothing to train; --test evaluates the two chosen runs and nothing else.
     again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert "4 of 4 runs done, 0 to go" in again.stdout
@@ -152,3 +153,10 @@ def test_a_sweep_trains_each_point_once_then_tests_only_the_chosen(tmp_path):
     triplet = next(line for line in report.read_text().splitlines()
                    if line.startswith("| loss.name=triplet"))
     assert "| 2 |" in triplet and "test R@1" in report.read_text()
+    assert "my reading of the table" in report.read_text()
+    # --report_only writes the table from the finished runs, training nothing.
+    report.unlink()
+    sweep_lib.main([f"--config={config_path}", f"--root={root}", f"--report={report}",
+                    "--report_only"])
+    assert "test R@1" in report.read_text() and "(no notes yet)" in report.read_text()
+    assert sorted((root / "tiny").iterdir()) == workdirs
