@@ -30,34 +30,26 @@ def _close(a, b, rtol=1e-5):
     np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * scale)
 
 
-def _value_and_vjp(fn, *args, seed=1):
-    """fn(*args) and its VJP at a random cotangent, one traced (jitted) function."""
-    out_shape = jax.eval_shape(fn, *args)
-    cot = jax.random.normal(jax.random.key(seed), out_shape.shape, out_shape.dtype)
-
-    @jax.jit
-    def run(*args):
-        out, vjp = jax.vjp(fn, *args)
-        return out, vjp(cot)
-    return run(*args)
-
-
-def _value_and_jvp(fn, *args, seed=2):
-    """fn(*args) and its JVP along random tangents, one traced (jitted) function."""
-    keys = jax.random.split(jax.random.key(seed), len(args))
-    tangents = tuple(jax.random.normal(k, a.shape, a.dtype) for k, a in zip(keys, args))
-    return jax.jit(lambda *a: jax.jvp(fn, a, tangents))(*args)
-
-
 def _both_paths(make_fn, *args, compare_jvp=True):
-    """[(value, vjp), ...] of ``make_fn(cpu_kernels)`` with the kernels off, then on; the
-    forward-mode tangents of both paths are checked equal on the way (``compare_jvp``)."""
-    results = []
-    tangents = []
+    """[(value, vjp), ...] of ``make_fn(cpu_kernels)`` with the kernels off, then on, at one
+    random cotangent; the forward-mode tangents of both paths along random tangents are
+    computed too and checked equal on the way (``compare_jvp``). One jitted program per
+    path; the random directions come from NumPy (no random-number programs to compile)."""
+    rng = np.random.default_rng(1)
+    out = jax.eval_shape(make_fn(False), *args)
+    cot = jnp.asarray(rng.normal(size=out.shape), out.dtype)
+    directions = tuple(jnp.asarray(rng.normal(size=a.shape), a.dtype) for a in args)
+    results, tangents = [], []
     for enabled in (False, True):
         fn = make_fn(enabled)
-        results.append(_value_and_vjp(fn, *args))
-        tangents.append(_value_and_jvp(fn, *args)[1])
+
+        @jax.jit
+        def run(args, cot, directions):
+            value, vjp = jax.vjp(fn, *args)
+            return value, vjp(cot), jax.jvp(fn, args, directions)[1]
+        value, grads, tangent = run(args, cot, directions)
+        results.append((value, grads))
+        tangents.append(tangent)
     if compare_jvp:
         _close(tangents[1], tangents[0])
     return results
