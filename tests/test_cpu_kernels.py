@@ -340,18 +340,20 @@ def _backbone_run(name, size, dtype, enabled):
     images = jnp.asarray(rng.normal(size=(2, size, size, 3)), dtype)
     direction = jnp.asarray(rng.normal(size=images.shape), dtype)
 
-    def loss(params):
+    def loss(params, stats, images):
         m = nnx.merge(graphdef, params, stats, copy=True)
         embedding, aux = m(images)
         value = jnp.sum(jnp.sin(embedding)) + jnp.sum(aux["logits"] ** 2)
         return value, (embedding, nnx.state(m, nnx.BatchStat))
 
-    def embed(images):
+    def embed(params, stats, images):
         return nnx.merge(graphdef, params, stats, copy=True)(images)[0]
 
-    (_, (embedding, new_stats)), grads = jax.jit(
-        jax.value_and_grad(loss, has_aux=True))(params)
-    _, tangent = jax.jit(lambda x, t: jax.jvp(embed, (x,), (t,)))(images, direction)
+    # Arrays as arguments, not as constants baked into the programs.
+    (_, (embedding, new_stats)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(
+        params, stats, images)
+    _, tangent = jax.jit(lambda p, s, x, t: jax.jvp(lambda x: embed(p, s, x), (x,), (t,)))(
+        params, stats, images, direction)
 
     def as_np(tree):
         return [np.asarray(leaf, np.float64) for leaf in jax.tree.leaves(tree)]
