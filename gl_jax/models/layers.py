@@ -101,8 +101,11 @@ class BatchNorm(nnx.Module):
         else:
             y, mean, var = _cpu.train_batch_norm.fun(*args, self.epsilon)
         m = self.momentum
-        self.mean[...] = jax.lax.stop_gradient(m * self.mean[...] + (1 - m) * mean)
-        self.var[...] = jax.lax.stop_gradient(m * self.var[...] + (1 - m) * var)
+        # set_value, not `[...] =`: Flax's indexed write probes the value's sharding, and
+        # with jax 0.10 that probe on a tracer walks every equation traced so far (jax PR
+        # 40041): tracing bninception's training step took 2.2 s instead of 0.9-1.3 s.
+        self.mean.set_value(jax.lax.stop_gradient(m * self.mean[...] + (1 - m) * mean))
+        self.var.set_value(jax.lax.stop_gradient(m * self.var[...] + (1 - m) * var))
         return y.astype(dtype)
 
 
