@@ -111,8 +111,10 @@ def test_batch_prior_matches_numpy_reference(seed, iterations):
 
 def test_batch_prior_gradients_and_vmap():
     logits, labels, anchors, feats = random_problem(12, n=8, m=20, classes=3)
-    fn = lambda z, f: jnp.sum(losses.group_loss(z, labels, anchors, f, temperature=2.0,
-                                                num_iterations=2, batch_prior=True))
+    # One jitted program (int32 labels: x64 is on below) instead of hundreds of eager ones.
+    labels32 = labels.astype(np.int32)
+    fn = jax.jit(lambda z, f: jnp.sum(losses.group_loss(z, labels32, anchors, f, temperature=2.0,
+                                                        num_iterations=2, batch_prior=True)))
     with jax.enable_x64(True):
         jtu.check_grads(fn, (jnp.asarray(logits), jnp.asarray(feats)), order=1,
                         modes=("rev",), atol=1e-6, rtol=1e-6)

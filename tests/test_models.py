@@ -21,6 +21,7 @@ from gl_jax.models import layers
 from gl_jax.models.bninception import INCEPTION_BLOCKS
 from gl_jax.models.efficientnet_lite import MBConvBlock
 from gl_jax.models.resnet import BasicBlock, Bottleneck
+from tests.model_helpers import build_abstract
 
 ALL = ["bninception", "efficientnet_lite0", "resnet101", "resnet18", "resnet34", "resnet50",
        "small_cnn"]
@@ -37,8 +38,8 @@ def abstract_model(name, **kwargs):
     kwargs.setdefault("num_classes", 1000)
     key = (name, tuple(sorted((k, str(v)) for k, v in kwargs.items())))
     if key not in _ABSTRACT:
-        model = nnx.eval_shape(lambda: create_model(name, rngs=nnx.Rngs(0), **kwargs))
-        model.eval()  # abstract tracing in train mode is >10x slower (BatchStat updates)
+        model = build_abstract(name, **kwargs)
+        model.eval()  # forward passes traced in eval mode write no BatchStats
         _ABSTRACT[key] = model
     return _ABSTRACT[key]
 
@@ -238,6 +239,17 @@ PUBLISHED = {"resnet18": 11_689_512, "resnet34": 21_797_672, "resnet50": 25_557_
 def test_parameter_counts_match_the_originals(name, derived):
     assert PUBLISHED.get(name, derived) == derived
     assert count_params(abstract_model(name, num_classes=1000)) == derived
+
+
+@pytest.mark.parametrize("name", ["small_cnn", "resnet18"])
+def test_shape_keys_build_the_state_nnx_rngs_builds(name):
+    """The tests' abstract models (tests/model_helpers.py) have the paths, shapes and
+    dtypes of a model built with nnx.Rngs."""
+    def layout(model):
+        return {path: (v.shape, v.dtype, type(v).__name__)
+                for path, v in nnx.to_flat_state(nnx.state(model))}
+    real = nnx.eval_shape(lambda: create_model(name, num_classes=10, rngs=nnx.Rngs(0)))
+    assert layout(build_abstract(name, num_classes=10)) == layout(real)
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -25,6 +25,7 @@ from flax import nnx
 
 from gl_jax import weights
 from gl_jax.models import create_model
+from tests.model_helpers import build_abstract
 
 # --------------------------------------------------------------------------------------
 # A minimal torch.save writer (pickle protocol 2 opcodes written by hand).
@@ -633,12 +634,6 @@ REFERENCE_STATE_DICTS = {
 }
 
 
-def _abstract(arch, **kwargs):
-    """The model's structure without its (slow on CPU) random initialisation."""
-    kwargs.setdefault("num_classes", 1000)
-    return nnx.eval_shape(lambda: create_model(arch, rngs=nnx.Rngs(0), **kwargs))
-
-
 def _expected_path(key: str, array: np.ndarray) -> tuple:
     """Where a PyTorch key must land, by the naming rules of the reference nets."""
     module, tensor = key.rsplit(".", 1)
@@ -672,7 +667,7 @@ def test_reference_state_dict_fits_the_model_exactly(arch):
     """Every key of the PyTorch architecture has exactly one parameter of the right
     shape, and every parameter is covered (the key sets are equal)."""
     state_dict = REFERENCE_STATE_DICTS[arch](seed=None)
-    model = _abstract(arch)
+    model = build_abstract(arch)
     report = weights.convert_state_dict(arch, state_dict, model)
     tensors = [k for k in state_dict if not k.endswith("num_batches_tracked")]
     assert report.ok, report.summary()
@@ -765,7 +760,7 @@ def test_mismatches_are_reported_by_name():
     del state_dict["layer3.1.bn2.running_var"]
     state_dict["layer5.0.conv1.weight"] = np.zeros((3, 3, 1, 1), np.float32)
     state_dict["layer2.0.downsample.0.weight"] = np.zeros((128, 64, 3, 3), np.float32)
-    model = _abstract("resnet18")
+    model = build_abstract("resnet18")
     with pytest.raises(ValueError) as info:
         weights.convert_state_dict("resnet18", state_dict, model)
     message = str(info.value)
@@ -787,13 +782,13 @@ def test_mismatches_are_reported_by_name():
 def test_head_is_loaded_only_where_it_fits():
     state_dict = torchvision_resnet_state_dict("resnet18")
     # Another class count: the ImageNet head is skipped, the classifier keeps its init.
-    report = weights.convert_state_dict("resnet18", state_dict, _abstract("resnet18",
+    report = weights.convert_state_dict("resnet18", state_dict, build_abstract("resnet18",
                                                                           num_classes=100))
     assert report.ok and report.skipped_head == ["fc.weight", "fc.bias"]
     assert report.not_in_file == ["classifier/bias", "classifier/kernel"]
     # An embedding layer in between: the head cannot apply, even with 1000 classes.
     report = weights.convert_state_dict(
-        "resnet18", state_dict, _abstract("resnet18", num_classes=1000, embedding_dim=64))
+        "resnet18", state_dict, build_abstract("resnet18", num_classes=1000, embedding_dim=64))
     assert report.skipped_head == ["fc.weight", "fc.bias"]
     assert sorted(report.not_in_file) == ["classifier/bias", "classifier/kernel",
                                           "embedding/bias", "embedding/kernel"]
@@ -824,7 +819,7 @@ def test_saved_weights_restore_with_orbax_and_into_a_new_head(tmp_path):
         convert_weights.convert(arch, source, str(out))
 
     # 1) Plain Orbax restore into the abstract state of the same model.
-    abstract_state = nnx.state(_abstract(arch))
+    abstract_state = nnx.state(build_abstract(arch))
     with ocp.StandardCheckpointer() as checkpointer:
         restored = checkpointer.restore(str(out / "state"), abstract_state)
     values = {tuple(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(restored)}
@@ -833,7 +828,7 @@ def test_saved_weights_restore_with_orbax_and_into_a_new_head(tmp_path):
     np.testing.assert_array_equal(values[("classifier", "kernel")], state_dict["fc.weight"].T)
 
     # 2) load_pretrained into a model with 10 classes: backbone loaded, head kept.
-    target = _abstract(arch, num_classes=10)
+    target = build_abstract(arch, num_classes=10)
     report = weights.load_pretrained(target, out, arch=arch)
     assert report.kept_init == [
         "classifier/bias (checkpoint shape (1000,), model (10,))",
@@ -850,7 +845,7 @@ def test_saved_weights_restore_with_orbax_and_into_a_new_head(tmp_path):
     with pytest.raises(ValueError, match="holds 'resnet18' weights, the model is 'resnet34'"):
         weights.load_pretrained(target, out, arch="resnet34")
     with pytest.raises(ValueError, match="does not fit the model's backbone"):
-        weights.load_pretrained(_abstract("resnet34"), out)
+        weights.load_pretrained(build_abstract("resnet34"), out)
     with pytest.raises(FileNotFoundError, match="not a converted-weights directory"):
         weights.load_pretrained(target, tmp_path)
 
