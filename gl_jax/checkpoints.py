@@ -33,6 +33,7 @@ import traceback
 import zlib
 
 from absl import logging
+from etils import epath
 import grain
 import jax
 from jax.experimental import multihost_utils
@@ -129,13 +130,65 @@ def _crash_point(step: int) -> None:
 def restore_state(manager: ocp.CheckpointManager, step: int, target, *, partial: bool = False):
     """The 'state' item of checkpoint `step`, restored into `target` (leaves: shape, dtype
     and sharding). `partial`: `target` names a subset of the saved tree (e.g. only
-    'params' and 'model_state' of a TrainState)."""
+    'params' and 'model_state' of a TrainState).
+
+    A checkpoint of another model (layers missing, extra unless `partial`, or of other
+    shapes: its metadata is compared with `target` first) raises ValueError naming the
+    leaves that differ, before any array is read."""
+    misfit = _model_misfit(manager, step, target, partial)
+    if misfit:
+        raise ValueError(misfit)
     if not partial:
         return manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target)))["state"]
     restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target)
     return manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=target, restore_args=restore_args, partial_restore=True)))["state"]
+
+
+_MODEL_PARTS = ("params", "model_state")
+
+
+def _leaf_shapes(tree) -> dict:
+    """{'params/backbone/conv1/kernel': shape} for the leaves of the model's parts of a
+    TrainState-like tree or of a checkpoint's metadata tree (Variables' `value` dropped)."""
+    shapes = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+        if names and names[-1] == "value":
+            names.pop()
+        if names and names[0] in _MODEL_PARTS and hasattr(leaf, "shape"):
+            shapes["/".join(names)] = tuple(leaf.shape)
+    return shapes
+
+
+def _model_misfit(manager: ocp.CheckpointManager, step: int, target, partial: bool) -> str:
+    """'' when the model's leaves of checkpoint `step` have the paths and shapes of
+    `target`'s; else what differs (at most 3 leaves named per kind). `partial`: leaves
+    saved beyond `target`'s are fine (e.g. the classifier, for a model built without one)."""
+    wanted = _leaf_shapes(target)
+    if not wanted:
+        return ""
+    item = os.path.join(str(manager.directory), str(step), "state")
+    saved = _leaf_shapes(ocp.PyTreeCheckpointHandler().metadata(epath.Path(item)).tree)
+
+    def listing(paths, shape_of):
+        named = ", ".join(f"{p} {shape_of(p)}" for p in paths[:3])
+        return named + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+
+    missing = sorted(set(wanted) - set(saved))
+    extra = [] if partial else sorted(set(saved) - set(wanted))
+    reshaped = sorted(p for p in set(wanted) & set(saved) if wanted[p] != saved[p])
+    parts = []
+    if missing:
+        parts.append(f"the model has {listing(missing, wanted.get)} that the checkpoint lacks")
+    if extra:
+        parts.append(f"the checkpoint has {listing(extra, saved.get)} that the model lacks")
+    if reshaped:
+        parts.append("other shapes: " + ", ".join(
+            f"{p} saved {saved[p]}, model {wanted[p]}" for p in reshaped[:3])
+            + (f" and {len(reshaped) - 3} more" if len(reshaped) > 3 else ""))
+    return "; ".join(parts)
 
 
 def _manager(directory: str, max_to_keep: int | None = None, read_only: bool = False):

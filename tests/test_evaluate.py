@@ -343,7 +343,10 @@ def test_checkpoint_that_does_not_fit_the_config(trained):
     config = ablation.load_workdir_config(trained)
     config.model.embedding_dim = 32   # the checkpoint has no embedding layer
     mesh = runtime.make_mesh(config.mesh)
-    with pytest.raises(ValueError, match="does not fit the model"):
+    with pytest.raises(ValueError, match=r"does not fit the model .*: the model has "
+                       r"params/embedding/bias \(32,\), params/embedding/kernel \(64, 32\) "
+                       r"that the checkpoint lacks; other shapes: params/classifier/kernel "
+                       r"saved \(64, 5\), model \(32, 5\)$"):
         ablation.restore_member(trained, config, 5, mesh)
 
 

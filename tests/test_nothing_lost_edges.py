@@ -16,6 +16,7 @@ import subprocess
 import sys
 
 from etils import epath
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -260,6 +261,39 @@ def test_a_checkpoint_moved_aside_is_no_step_and_its_step_is_saved_anew(tmp_path
     assert sorted(os.listdir(directory)) == ["1", "2", "2.discarded"]
     with _small_checkpoints(tmp_path, []) as store:
         assert list(store.candidates()) == [2, 1]
+
+
+def test_a_checkpoint_of_another_model_names_the_leaves_that_differ(tmp_path, monkeypatch):
+    """Restoring into a model of other layers or shapes fails before Orbax reads anything
+    (its metadata is compared first), naming what is missing, extra and reshaped."""
+    zeros = lambda *shape: np.zeros(shape, np.float32)
+    saved = {"params": {"conv": {"kernel": zeros(3, 3, 1, 8)}, "head": {"kernel": zeros(8, 5)},
+                        "proj": {"kernel": zeros(8, 8)}},
+             "model_state": {"bn": {"mean": zeros(8)}}, "opt_state": {"mu": zeros(2)}}
+    with _small_checkpoints(tmp_path, []) as store:
+        store.save(saved, _Position(1), {"step": 1})
+    like = lambda *shape: jax.ShapeDtypeStruct(shape, np.float32,
+                                               sharding=jax.sharding.SingleDeviceSharding(
+                                                   jax.devices()[0]))
+    target = {"params": {"conv": {"kernel": like(3, 3, 1, 8)}, "head": {"kernel": like(8, 10)},
+                         "embedding": {"kernel": like(8, 4), "bias": like(4)}},
+              "model_state": {"bn": {"mean": like(8)}}}
+    monkeypatch.setattr(ocp.CheckpointManager, "restore", lambda *a, **k: pytest.fail(
+        "Orbax was asked to restore a checkpoint that does not fit"))
+    with pytest.raises(ValueError) as raised:
+        checkpoints.restore_model(str(tmp_path / "checkpoints"), 1, target)
+    # The model part only: leaves saved beyond the target's (params/proj) are no misfit.
+    assert str(raised.value) == (
+        "the model has params/embedding/bias (4,), params/embedding/kernel (8, 4) that the "
+        "checkpoint lacks; other shapes: params/head/kernel saved (8, 5), model (8, 10)")
+    # The trainer's full restore (resume) also names what the model lacks; the optimizer
+    # state is not compared (its layout is the optimizer's, not the model's).
+    with _small_checkpoints(tmp_path, []) as store, pytest.raises(ValueError) as raised:
+        store.restore_state(1, dict(target, opt_state={"nu": like(3)}))
+    assert str(raised.value) == (
+        "the model has params/embedding/bias (4,), params/embedding/kernel (8, 4) that the "
+        "checkpoint lacks; the checkpoint has params/proj/kernel (8, 8) that the model lacks; "
+        "other shapes: params/head/kernel saved (8, 5), model (8, 10)")
 
 
 # --------------------------------------------------------------------------- 4. full disk
