@@ -19,10 +19,11 @@ iterations) was about 8x faster than scikit-learn in the stack notes' measuremen
 from __future__ import annotations
 
 import numpy as np
-from sklearn.cluster import KMeans
-from sklearn.metrics import normalized_mutual_info_score
 
 from gl_jax.evaluation import _checks
+
+# scikit-learn is imported where it is used: importing it takes over a second, and the
+# commands that never cluster (embed, search, export) import this package.
 
 
 def faiss_available() -> bool:
@@ -44,6 +45,7 @@ def kmeans_assignments(x: np.ndarray, num_clusters: int, *, seed: int = 0,
     if backend == "auto":
         backend = "faiss" if faiss_available() else "sklearn"
     if backend == "sklearn":
+        from sklearn.cluster import KMeans
         km = KMeans(n_clusters=num_clusters, n_init=n_init, max_iter=max_iter, random_state=seed)
         return km.fit_predict(x).astype(np.int64)
     if backend == "faiss":
@@ -87,4 +89,5 @@ def nmi(embeddings, labels, *, num_clusters: int | None = None, seed: int = 0,
         x = (x / np.maximum(norms, 1e-12)).astype(np.float32)
     assign = kmeans_assignments(x, num_clusters, seed=seed, backend=backend,
                                 max_iter=max_iter, n_init=n_init)
+    from sklearn.metrics import normalized_mutual_info_score
     return float(normalized_mutual_info_score(y, assign, average_method="arithmetic"))
