@@ -169,8 +169,8 @@ def _model_misfit(manager: ocp.CheckpointManager, step: int, target, partial: bo
     wanted = _leaf_shapes(target)
     if not wanted:
         return ""
-    item = os.path.join(str(manager.directory), str(step), "state")
-    saved = _leaf_shapes(ocp.PyTreeCheckpointHandler().metadata(epath.Path(item)).tree)
+    item = epath.Path(manager.directory) / str(step) / "state"
+    saved = _leaf_shapes(ocp.PyTreeCheckpointHandler().metadata(item).tree)
 
     def listing(paths, shape_of):
         named = ", ".join(f"{p} {shape_of(p)}" for p in paths[:3])
