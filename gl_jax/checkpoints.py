@@ -33,7 +33,6 @@ import traceback
 import zlib
 
 from absl import logging
-from etils import epath
 import grain
 import jax
 from jax.experimental import multihost_utils
@@ -169,25 +168,24 @@ def _model_misfit(manager: ocp.CheckpointManager, step: int, target, partial: bo
     wanted = _leaf_shapes(target)
     if not wanted:
         return ""
-    item = epath.Path(manager.directory) / str(step) / "state"
-    saved = _leaf_shapes(ocp.PyTreeCheckpointHandler().metadata(item).tree)
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        item = os.path.join(str(manager.directory), str(step), "state")
+        saved = _leaf_shapes(checkpointer.metadata(item).item_metadata.tree)
 
-    def listing(paths, shape_of):
-        named = ", ".join(f"{p} {shape_of(p)}" for p in paths[:3])
-        return named + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+    def first_three(items: list) -> str:
+        return ", ".join(items[:3]) + (f" and {len(items) - 3} more" if len(items) > 3 else "")
 
-    missing = sorted(set(wanted) - set(saved))
-    extra = [] if partial else sorted(set(saved) - set(wanted))
-    reshaped = sorted(p for p in set(wanted) & set(saved) if wanted[p] != saved[p])
+    missing = [f"{p} {wanted[p]}" for p in sorted(set(wanted) - set(saved))]
+    extra = [] if partial else [f"{p} {saved[p]}" for p in sorted(set(saved) - set(wanted))]
+    reshaped = [f"{p} saved {saved[p]}, model {wanted[p]}"
+                for p in sorted(set(wanted) & set(saved)) if wanted[p] != saved[p]]
     parts = []
     if missing:
-        parts.append(f"the model has {listing(missing, wanted.get)} that the checkpoint lacks")
+        parts.append(f"the model has {first_three(missing)} that the checkpoint lacks")
     if extra:
-        parts.append(f"the checkpoint has {listing(extra, saved.get)} that the model lacks")
+        parts.append(f"the checkpoint has {first_three(extra)} that the model lacks")
     if reshaped:
-        parts.append("other shapes: " + ", ".join(
-            f"{p} saved {saved[p]}, model {wanted[p]}" for p in reshaped[:3])
-            + (f" and {len(reshaped) - 3} more" if len(reshaped) > 3 else ""))
+        parts.append(f"other shapes: {first_three(reshaped)}")
     return "; ".join(parts)
 
 

@@ -21,7 +21,8 @@ from gl_jax.models import layers
 from gl_jax.models.bninception import INCEPTION_BLOCKS
 from gl_jax.models.efficientnet_lite import MBConvBlock
 from gl_jax.models.resnet import BasicBlock, Bottleneck
-from tests.model_helpers import build_abstract
+
+from model_helpers import build_abstract
 
 ALL = ["bninception", "efficientnet_lite0", "resnet101", "resnet18", "resnet34", "resnet50",
        "small_cnn"]

@@ -25,7 +25,8 @@ from flax import nnx
 
 from gl_jax import weights
 from gl_jax.models import create_model
-from tests.model_helpers import build_abstract
+
+from model_helpers import build_abstract
 
 # --------------------------------------------------------------------------------------
 # A minimal torch.save writer (pickle protocol 2 opcodes written by hand).
@@ -782,8 +783,8 @@ def test_mismatches_are_reported_by_name():
 def test_head_is_loaded_only_where_it_fits():
     state_dict = torchvision_resnet_state_dict("resnet18")
     # Another class count: the ImageNet head is skipped, the classifier keeps its init.
-    report = weights.convert_state_dict("resnet18", state_dict, build_abstract("resnet18",
-                                                                          num_classes=100))
+    report = weights.convert_state_dict("resnet18", state_dict,
+                                        build_abstract("resnet18", num_classes=100))
     assert report.ok and report.skipped_head == ["fc.weight", "fc.bias"]
     assert report.not_in_file == ["classifier/bias", "classifier/kernel"]
     # An embedding layer in between: the head cannot apply, even with 1000 classes.
