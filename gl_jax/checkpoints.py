@@ -33,6 +33,7 @@ import traceback
 import zlib
 
 from absl import logging
+from etils import epath
 import grain
 import jax
 from jax.experimental import multihost_utils
@@ -168,9 +169,10 @@ def _model_misfit(manager: ocp.CheckpointManager, step: int, target, partial: bo
     wanted = _leaf_shapes(target)
     if not wanted:
         return ""
-    with ocp.PyTreeCheckpointer() as checkpointer:
-        item = os.path.join(str(manager.directory), str(step), "state")
-        saved = _leaf_shapes(checkpointer.metadata(item).item_metadata.tree)
+    # The handler, not a Checkpointer: that one also looks for (and warns about the absence
+    # of) a step-level metadata file inside the item's folder.
+    item = epath.Path(manager.directory) / str(step) / "state"
+    saved = _leaf_shapes(ocp.PyTreeCheckpointHandler().metadata(item).tree)
 
     def first_three(items: list) -> str:
         return ", ".join(items[:3]) + (f" and {len(items) - 3} more" if len(items) > 3 else "")
