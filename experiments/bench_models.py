@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gl_jax.models import available_models, count_params, create_model
+from gl_jax.models import abstract_model, available_models, count_params
 from gl_jax.models.bninception import final_grid
 from gl_jax.models.layers import CPU_KERNEL_CHOICES, resolve_cpu_kernels
 
@@ -59,8 +59,8 @@ def parse_args(argv=None):
 def random_model(name: str, cpu_kernels: str) -> nnx.Module:
     """The registry's model with He-scaled NumPy parameters: real initialisation compiles a
     program per parameter shape, which would dominate a short CPU run."""
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: create_model(
-        name, num_classes=NUM_CLASSES, cpu_kernels=cpu_kernels, rngs=nnx.Rngs(0))))
+    graphdef, state = nnx.split(abstract_model(name, num_classes=NUM_CLASSES,
+                                               cpu_kernels=cpu_kernels))
     rng, filled = np.random.default_rng(0), []
     for path, var in nnx.to_flat_state(state):
         if path[-1] == "kernel":

@@ -40,6 +40,7 @@ import numpy as np
 from gl_jax import checkpoints as ckpt
 from gl_jax import evaluation
 from gl_jax import metric_writers
+from gl_jax import models
 from gl_jax import protocol
 from gl_jax import runtime
 from gl_jax import strategies as glpp
@@ -133,9 +134,8 @@ def restore_member(workdir: str, config, num_classes: int, mesh, which: str = "b
     """Restores only ``params`` and ``model_state`` of the TrainState (no optimizer state),
     replicated over ``mesh``, into the model that ``config.model`` describes."""
     directory, step = ckpt.find(workdir, which)
-    model_config = ml_collections.ConfigDict(config.to_dict())
-    model_config.model.init_from = ""   # the checkpoint replaces any initial weights
-    abstract_model = nnx.eval_shape(lambda: runtime.build_model(model_config, num_classes))
+    # Shapes only: the checkpoint replaces the initialisation and any `init_from` weights.
+    abstract_model = models.abstract_model(**runtime.model_arguments(config, num_classes))
     graphdef, params, model_state = nnx.split(abstract_model, nnx.Param, ...)
     replicated = NamedSharding(mesh, P())
     target = {"params": params, "model_state": model_state}

@@ -40,17 +40,22 @@ class TrainState:
 
 
 # ------------------------------------------------------------------------------ building
+def model_arguments(config: ml_collections.ConfigDict, num_classes: int) -> dict:
+    """`models.create_model`'s arguments for `config.model` (all but ``rngs``)."""
+    m = config.model
+    return dict(name=m.name, num_classes=num_classes, embedding_dim=int(m.embedding_dim) or None,
+                pooling=m.pooling, pool_mix=float(m.pool_mix),
+                leak=None if m.leak < 0 else float(m.leak),
+                bn_momentum=None if m.bn_momentum < 0 else float(m.bn_momentum),
+                bn_epsilon=None if m.bn_epsilon < 0 else float(m.bn_epsilon),
+                dtype=jnp.dtype(m.dtype), cpu_kernels=str(m.cpu_kernels))
+
+
 def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nnx.Module:
     """The configured backbone + heads, initialised from `config.seed` (and `init_from`)."""
     m = config.model
-    model = models.create_model(
-        m.name, num_classes=num_classes, embedding_dim=int(m.embedding_dim) or None,
-        pooling=m.pooling, pool_mix=float(m.pool_mix),
-        leak=None if m.leak < 0 else float(m.leak),
-        bn_momentum=None if m.bn_momentum < 0 else float(m.bn_momentum),
-        bn_epsilon=None if m.bn_epsilon < 0 else float(m.bn_epsilon),
-        dtype=jnp.dtype(m.dtype), cpu_kernels=str(m.cpu_kernels),
-        rngs=nnx.Rngs(int(config.seed)))
+    model = models.create_model(**model_arguments(config, num_classes),
+                                rngs=nnx.Rngs(int(config.seed)))
     if m.init_from:
         from gl_jax import weights  # only needed when starting from converted weights
         weights.load_pretrained(model, m.init_from, arch=m.name)

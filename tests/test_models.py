@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from gl_jax import models
 from gl_jax.models import available_models, count_params, create_model, registry
 from gl_jax.models import layers
 from gl_jax.models.bninception import INCEPTION_BLOCKS
 from gl_jax.models.efficientnet_lite import MBConvBlock
 from gl_jax.models.resnet import BasicBlock, Bottleneck
 
-from model_helpers import build_abstract
 
 ALL = ["bninception", "efficientnet_lite0", "resnet101", "resnet18", "resnet34", "resnet50",
        "small_cnn"]
@@ -39,7 +39,7 @@ def abstract_model(name, **kwargs):
     kwargs.setdefault("num_classes", 1000)
     key = (name, tuple(sorted((k, str(v)) for k, v in kwargs.items())))
     if key not in _ABSTRACT:
-        model = build_abstract(name, **kwargs)
+        model = models.abstract_model(name, **kwargs)
         model.eval()  # forward passes traced in eval mode write no BatchStats
         _ABSTRACT[key] = model
     return _ABSTRACT[key]
@@ -243,14 +243,16 @@ def test_parameter_counts_match_the_originals(name, derived):
 
 
 @pytest.mark.parametrize("name", ["small_cnn", "resnet18"])
-def test_shape_keys_build_the_state_nnx_rngs_builds(name):
-    """The tests' abstract models (tests/model_helpers.py) have the paths, shapes and
-    dtypes of a model built with nnx.Rngs."""
+def test_abstract_model_has_the_state_of_a_model_built_with_nnx_rngs(name):
+    """`abstract_model` draws its keys from a counter, not nnx.Rngs: the same paths,
+    shapes, dtypes and Variable types."""
     def layout(model):
         return {path: (v.shape, v.dtype, type(v).__name__)
                 for path, v in nnx.to_flat_state(nnx.state(model))}
     real = nnx.eval_shape(lambda: create_model(name, num_classes=10, rngs=nnx.Rngs(0)))
-    assert layout(build_abstract(name, num_classes=10)) == layout(real)
+    assert layout(models.abstract_model(name, num_classes=10)) == layout(real)
+    with pytest.raises(ValueError, match="rngs"):
+        models.abstract_model(name, num_classes=10, rngs=nnx.Rngs(0))
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -24,9 +24,8 @@ import pytest
 from flax import nnx
 
 from gl_jax import weights
-from gl_jax.models import create_model
+from gl_jax.models import abstract_model, create_model
 
-from model_helpers import build_abstract
 
 # --------------------------------------------------------------------------------------
 # A minimal torch.save writer (pickle protocol 2 opcodes written by hand).
@@ -668,7 +667,7 @@ def test_reference_state_dict_fits_the_model_exactly(arch):
     """Every key of the PyTorch architecture has exactly one parameter of the right
     shape, and every parameter is covered (the key sets are equal)."""
     state_dict = REFERENCE_STATE_DICTS[arch](seed=None)
-    model = build_abstract(arch)
+    model = abstract_model(arch, num_classes=1000)
     report = weights.convert_state_dict(arch, state_dict, model)
     tensors = [k for k in state_dict if not k.endswith("num_batches_tracked")]
     assert report.ok, report.summary()
@@ -761,7 +760,7 @@ def test_mismatches_are_reported_by_name():
     del state_dict["layer3.1.bn2.running_var"]
     state_dict["layer5.0.conv1.weight"] = np.zeros((3, 3, 1, 1), np.float32)
     state_dict["layer2.0.downsample.0.weight"] = np.zeros((128, 64, 3, 3), np.float32)
-    model = build_abstract("resnet18")
+    model = abstract_model("resnet18", num_classes=1000)
     with pytest.raises(ValueError) as info:
         weights.convert_state_dict("resnet18", state_dict, model)
     message = str(info.value)
@@ -784,12 +783,12 @@ def test_head_is_loaded_only_where_it_fits():
     state_dict = torchvision_resnet_state_dict("resnet18")
     # Another class count: the ImageNet head is skipped, the classifier keeps its init.
     report = weights.convert_state_dict("resnet18", state_dict,
-                                        build_abstract("resnet18", num_classes=100))
+                                        abstract_model("resnet18", num_classes=100))
     assert report.ok and report.skipped_head == ["fc.weight", "fc.bias"]
     assert report.not_in_file == ["classifier/bias", "classifier/kernel"]
     # An embedding layer in between: the head cannot apply, even with 1000 classes.
     report = weights.convert_state_dict(
-        "resnet18", state_dict, build_abstract("resnet18", num_classes=1000, embedding_dim=64))
+        "resnet18", state_dict, abstract_model("resnet18", num_classes=1000, embedding_dim=64))
     assert report.skipped_head == ["fc.weight", "fc.bias"]
     assert sorted(report.not_in_file) == ["classifier/bias", "classifier/kernel",
                                           "embedding/bias", "embedding/kernel"]
@@ -820,7 +819,7 @@ def test_saved_weights_restore_with_orbax_and_into_a_new_head(tmp_path):
         convert_weights.convert(arch, source, str(out))
 
     # 1) Plain Orbax restore into the abstract state of the same model.
-    abstract_state = nnx.state(build_abstract(arch))
+    abstract_state = nnx.state(abstract_model(arch, num_classes=1000))
     with ocp.StandardCheckpointer() as checkpointer:
         restored = checkpointer.restore(str(out / "state"), abstract_state)
     values = {tuple(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(restored)}
@@ -829,7 +828,7 @@ def test_saved_weights_restore_with_orbax_and_into_a_new_head(tmp_path):
     np.testing.assert_array_equal(values[("classifier", "kernel")], state_dict["fc.weight"].T)
 
     # 2) load_pretrained into a model with 10 classes: backbone loaded, head kept.
-    target = build_abstract(arch, num_classes=10)
+    target = abstract_model(arch, num_classes=10)
     report = weights.load_pretrained(target, out, arch=arch)
     assert report.kept_init == [
         "classifier/bias (checkpoint shape (1000,), model (10,))",
@@ -846,7 +845,7 @@ def test_saved_weights_restore_with_orbax_and_into_a_new_head(tmp_path):
     with pytest.raises(ValueError, match="holds 'resnet18' weights, the model is 'resnet34'"):
         weights.load_pretrained(target, out, arch="resnet34")
     with pytest.raises(ValueError, match="does not fit the model's backbone"):
-        weights.load_pretrained(build_abstract("resnet34"), out)
+        weights.load_pretrained(abstract_model("resnet34", num_classes=1000), out)
     with pytest.raises(FileNotFoundError, match="not a converted-weights directory"):
         weights.load_pretrained(target, tmp_path)
 

@@ -135,6 +135,32 @@ def create_model(name: str, *, num_classes: int, embedding_dim: int | None = Non
                           rngs=rngs)
 
 
+class _ShapeKeys:
+    """Stands in for ``nnx.Rngs`` where only shapes are built: keys from a Python counter.
+
+    ``nnx.Rngs`` counts its draws in a Variable, and with jax 0.10 every write of a traced
+    value into a Variable walks the whole trace so far (fixed upstream in jax-ml/jax#40041),
+    so tracing BN-Inception's construction with it takes seconds; these keys take a tenth
+    of that and never reach a shape.
+    """
+
+    def __init__(self):
+        self._count = 0
+
+    def params(self) -> jax.Array:
+        self._count += 1
+        return jax.random.key(self._count)
+
+
+def abstract_model(name: str, **kwargs) -> EmbeddingModel:
+    """``create_model(name, **kwargs)``'s structure without its initialisation: every
+    parameter and statistic is a ``jax.ShapeDtypeStruct`` (a restore or conversion target;
+    no program is compiled). Takes every argument of ``create_model`` but ``rngs``."""
+    if "rngs" in kwargs:
+        raise ValueError("abstract_model draws no random numbers; do not pass rngs")
+    return nnx.eval_shape(lambda: create_model(name, rngs=_ShapeKeys(), **kwargs))
+
+
 def count_params(model: nnx.Module) -> int:
     """Number of trainable parameters (``nnx.Param`` leaves; BatchNorm statistics excluded,
     as in PyTorch's ``sum(p.numel() for p in model.parameters())``)."""

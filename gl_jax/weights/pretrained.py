@@ -6,7 +6,7 @@ writes and ``config.model.init_from`` points at)::
     DIR/state/          Orbax checkpoint of ``nnx.state(model)`` (parameters and
                         BatchNorm statistics), restorable with
                         ``orbax.checkpoint.StandardCheckpointer().restore(DIR/state,
-                        nnx.state(nnx.eval_shape(lambda: create_model(arch, ...))))``
+                        nnx.state(gl_jax.models.abstract_model(arch, ...)))``
     DIR/metadata.json   {"format", "arch", "source", "source_sha256", "head": {"name",
                         "kept", "num_classes"}, "num_tensors"}
 
@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gl_jax.models import create_model
+from gl_jax.models import abstract_model
 from gl_jax.weights.convert import ARCHITECTURES, ConversionReport, convert_state_dict
 from gl_jax.weights.torch_reader import load_state_dict
 
@@ -83,7 +83,7 @@ def build_converted_model(arch: str, state_dict: Mapping[str, np.ndarray], *,
                           **model_kwargs) -> tuple[nnx.Module, ConversionReport]:
     """A gl_jax model holding exactly the weights of ``state_dict``.
 
-    The model is created abstractly (``nnx.eval_shape``: no random initialisation, which
+    The model is created abstractly (``abstract_model``: no random initialisation, which
     costs tens of seconds of XLA compilation on a CPU) and every leaf is then filled
     from the file, so it has no pooled-feature embedding layer.
 
@@ -114,8 +114,7 @@ def build_converted_model(arch: str, state_dict: Mapping[str, np.ndarray], *,
         if head_key not in state_dict:
             raise ValueError(f"{arch}: head='keep' but the state dict has no {head_key!r}")
         num_classes = int(np.shape(state_dict[head_key])[0])
-    model = nnx.eval_shape(lambda: create_model(arch, num_classes=num_classes,
-                                                rngs=nnx.Rngs(0), **model_kwargs))
+    model = abstract_model(arch, num_classes=num_classes, **model_kwargs)
     report = convert_state_dict(arch, state_dict, model, head="auto", strict=strict)
     unset = [("/".join(map(str, path)))
              for path, variable in nnx.to_flat_state(nnx.state(model))
