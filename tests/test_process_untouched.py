@@ -49,7 +49,7 @@ def _fresh_env(**extra):
     return env
 
 
-@pytest.mark.slow   # every module and model: about 12 s
+@pytest.mark.slow   # every module and model: about 8 s
 def test_importing_every_module_and_building_every_model_changes_no_environment():
     import json
     xla_flags = "--xla_force_host_platform_device_count=2"
