@@ -442,7 +442,7 @@ def embed_images(workdir: str, images: str, output: str, *, checkpoint: str = "b
             or shard_size < 1:
         raise ValueError(f"--shard_size={shard_size!r} must be a positive number of images")
     export.check_workdir(workdir, checkpoint)
-    export.check_output(output)
+    export.check_output(output, example="embeddings.npz")
     config = ablation.load_workdir_config(workdir)
     found = resolve_images(images, config)
     total = len(found.names)

@@ -153,14 +153,14 @@ def export_function(embed, image_size: int, platforms: Sequence[str] = PLATFORMS
 
 
 # ------------------------------------------------------------------------------ files
-def check_output(output: str) -> str:
+def check_output(output: str, flag: str = "--output", example: str = "model.jaxexport") -> str:
     """The folder of ``output`` (created if missing), after checking that it takes files:
-    a bad --output fails before the restore and the export, not after them."""
+    a bad ``flag`` fails before the restore and the work, not after them."""
     if not output:
-        raise ValueError("--output is empty: give the file to write, e.g. model.jaxexport")
+        raise ValueError(f"{flag} is empty: give the file to write, e.g. {example}")
     if os.path.isdir(output):
-        raise ValueError(f"--output={output!r} is a folder: give a file name, e.g. "
-                         f"{os.path.join(output, 'model.jaxexport')}")
+        raise ValueError(f"{flag}={output!r} is a folder: give a file name, e.g. "
+                         f"{os.path.join(output, example)}")
     folder = os.path.dirname(os.path.abspath(output))
     try:
         os.makedirs(folder, exist_ok=True)
@@ -168,7 +168,7 @@ def check_output(output: str) -> str:
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as e:
-        raise PermissionError(f"--output={output!r}: cannot write to {folder} "
+        raise PermissionError(f"{flag}={output!r}: cannot write to {folder} "
                               f"({e.strerror or e}).") from e
     return folder
 

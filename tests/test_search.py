@@ -234,19 +234,19 @@ def test_the_command_line(trained, test_index, tmp_path):
     path, index = test_index
     write_images(tmp_path / "q", 2)
     queries = sorted(str(p) for p in (tmp_path / "q").rglob("*.png"))
+    grid = tmp_path / "new" / "folder" / "grid.png"   # folders that do not exist yet
     done = _search_command(f"--index={path}", f"--query={queries[0]}", "--query=split:test:9",
-                           "--k=4", f"--picture={tmp_path / 'grid.png'}",
-                           f"--output={tmp_path / 'found.json'}")
+                           "--k=4", f"--picture={grid}", f"--output={tmp_path / 'found.json'}")
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
     assert lines[0].startswith(
         f"index {path}: 896 embeddings of split:test (small_cnn, step {STEPS}")
     assert lines[1] == f"query {queries[0]}" and lines[6].startswith(f"query {index.paths[9]}")
-    assert lines[-1] == f"wrote {tmp_path / 'grid.png'}"
+    assert lines[-1] == f"wrote {grid}"
     with open(tmp_path / "found.json") as f:
         found = json.load(f)
     assert [q["excluded_row"] for q in found["queries"]] == [-1, 9]
-    assert Image.open(tmp_path / "grid.png").size[0] == search.visualize.grid_size(2, 4, 64)[0]
+    assert Image.open(grid).size[0] == search.visualize.grid_size(2, 4, 64)[0]
 
     def one_line(proc, *expected):
         assert proc.returncode == 2, proc.stderr[-3000:]
@@ -258,6 +258,11 @@ def test_the_command_line(trained, test_index, tmp_path):
              "error: k=0 must be an integer from 1 to 896")
     one_line(_search_command(f"--index={tmp_path / 'none.npz'}", "--query=split:test:0"),
              "error: --index:", "none.npz", "does not exist")
+    one_line(_search_command(f"--index={path}", "--query=split:test:0", f"--picture={tmp_path}"),
+             f"error: --picture='{tmp_path}' is a folder: give a file name")
+    one_line(_search_command(f"--index={path}", "--query=split:test:0",
+                             f"--output={tmp_path / 'found.json' / 'x.json'}"),
+             "error: --output=", "cannot write to")
     other = tmp_path / "other_run"
     shutil.copytree(trained, other)
     with open(other / "config.json", "a") as f:
