@@ -191,10 +191,25 @@ def _model_misfit(manager: ocp.CheckpointManager, step: int, target, partial: bo
     return "; ".join(parts)
 
 
+class _ReadOnlyNotes(std_logging.Filter):
+    """Drops Orbax's warnings that a manager opened its folder read-only: all that finding
+    and restoring a checkpoint ever do, so they would only be noise on stderr."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("orbax" in record.pathname and ("read_only=True" in message
+                                                    or "directory is read only" in message))
+
+
 def _manager(directory: str, max_to_keep: int | None = None, read_only: bool = False):
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
-                                           read_only=read_only)
-    return ocp.CheckpointManager(_absolute(directory), options=options)
+    logger, quiet = logging.get_absl_logger(), _ReadOnlyNotes()
+    logger.addFilter(quiet)   # Orbax says so while the options and the manager are built
+    try:
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
+                                               read_only=read_only)
+        return ocp.CheckpointManager(_absolute(directory), options=options)
+    finally:
+        logger.removeFilter(quiet)
 
 
 def _verified_steps(manager: ocp.CheckpointManager, failures: list | None = None):
@@ -490,6 +505,9 @@ class Checkpoints:
                              type(e).__name__, e)
 
 
+_FALLBACKS_SAID: set = set()   # (workdir, which, step) whose fallback to the latest was logged
+
+
 def find(workdir: str, which: str = "best") -> tuple[str, int]:
     """(folder, step) of the newest intact checkpoint to evaluate in a training workdir.
 
@@ -508,7 +526,8 @@ def find(workdir: str, which: str = "best") -> tuple[str, int]:
         step = next(_verified_steps(manager), None)
         manager.close()
         if step is not None:
-            if kind != which:
+            if kind != which and (workdir, which, step) not in _FALLBACKS_SAID:
+                _FALLBACKS_SAID.add((workdir, which, step))   # find() runs several times
                 logging.warning("%s has no intact %s checkpoint; evaluating the latest "
                                 "(step %d).", workdir, which, step)
             return directory, step

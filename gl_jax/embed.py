@@ -54,7 +54,6 @@ from typing import Callable, Sequence
 
 from absl import app
 from absl import flags
-from absl import logging as absl_logging
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
@@ -255,14 +254,6 @@ def _quiet_skips():
     in one line instead (an error, or the stdout summary)."""
     return _dropping(std_logging.getLogger(),
                      lambda record: str(record.msg).startswith("skip_corrupt:"))
-
-
-def quiet_read_only_notes():
-    """The command lines' absl logger without Orbax's notes that it opened a checkpoint
-    folder read-only, which is all that embedding and searching ever do."""
-    return _dropping(absl_logging.get_absl_logger(), lambda record: "orbax" in record.pathname
-                     and ("read_only=True" in str(record.msg)
-                          or "directory is read only" in str(record.msg)))
 
 
 def _mesh_for(batch_size: int):
@@ -575,12 +566,11 @@ def main(argv):
         # Before anything starts a JAX backend (finding a checkpoint does): XLA reads its
         # flags once. A workdir without config.json is refused by embed_images.
         xla_flags.apply(ablation.load_workdir_config(o.workdir))
-    with quiet_read_only_notes():
-        result = embed_images(o.workdir, o.images, o.output, checkpoint=o.checkpoint,
-                              normalize=not o.no_normalize, skip_corrupt=o.skip_corrupt,
-                              shard_size=o.shard_size, strategies=o.strategies,
-                              pool_mix=o.pool_mix, leak=o.leak,
-                              say=lambda line: print(line, flush=True))
+    result = embed_images(o.workdir, o.images, o.output, checkpoint=o.checkpoint,
+                          normalize=not o.no_normalize, skip_corrupt=o.skip_corrupt,
+                          shard_size=o.shard_size, strategies=o.strategies,
+                          pool_mix=o.pool_mix, leak=o.leak,
+                          say=lambda line: print(line, flush=True))
     model = result.model
     classes = f", {len(result.class_names)} classes" if result.class_names else ""
     print(f"wrote {o.output}: {len(result)} embeddings ({result.dim}-d, "

@@ -308,10 +308,8 @@ def main(argv):
     workdir = o.workdir or (index.model or {}).get("workdir") or ""
     if os.path.isfile(os.path.join(workdir, "config.json")):   # before a JAX backend starts
         xla_flags.apply(ablation.load_workdir_config(workdir))
-    with embed.quiet_read_only_notes():
-        found = search_images(index, o.query, o.k, workdir=o.workdir, backend=o.backend,
-                              exclude_self=o.exclude_self, show_progress=True,
-                              index_name=o.index)
+    found = search_images(index, o.query, o.k, workdir=o.workdir, backend=o.backend,
+                          exclude_self=o.exclude_self, show_progress=True, index_name=o.index)
     print(describe(found, o.index), flush=True)
     if o.output:
         with open(o.output, "w") as f:

@@ -373,6 +373,7 @@ def test_command_line(trained, tmp_path):
          f"--evaluate.output_dir={out}"],
         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stderr == ""   # no progress line into a pipe, no Orbax notes
     assert "| flip TTA |" in proc.stdout
     saved = json.load(open(out / "ablation.json"))
     assert [r["name"] for r in saved["rows"]] == ["plain", "flip TTA", "all: flip"]

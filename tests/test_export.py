@@ -204,6 +204,7 @@ def test_command_line(trained, tmp_path):
                f"--output={output}", "--checkpoint=latest", "--platforms=cpu"]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr == ""   # no Orbax notes about read-only checkpoint folders
     assert "wrote" in result.stdout
     with open(output + ".json") as f:
         info = json.load(f)

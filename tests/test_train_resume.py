@@ -4,6 +4,7 @@ workdir, bad data and bad settings found before training, one-line user errors.
 digits:quick: a warm-up of 10 steps, then 3 Group Loss epochs of 10 steps, checkpoints
 every 5 steps and at every epoch end, an evaluation after each Group Loss epoch."""
 import json
+import logging as std_logging
 import os
 import re
 import shutil
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import time
 
+from absl import logging as absl_logging
 import numpy as np
 import pytest
 
@@ -159,7 +161,22 @@ def test_the_evaluator_skips_a_damaged_best_checkpoint(reference, tmp_path):
     best = os.path.join(workdir, "best")
     (step,) = [d for d in os.listdir(best) if d.isdigit()]
     _damage(os.path.join(best, step), "flipped bytes")
-    assert checkpoints.find(workdir, "best") == (os.path.join(workdir, "checkpoints"), 40)
+    said = []
+
+    class Keep(std_logging.Handler):
+        def emit(self, record):
+            said.append(record.getMessage())
+    keep, logger = Keep(), absl_logging.get_absl_logger()
+    logger.addHandler(keep)
+    try:
+        for _ in range(3):   # embed and search look several times: said once
+            assert checkpoints.find(workdir, "best") == (os.path.join(workdir, "checkpoints"),
+                                                         40)
+    finally:
+        logger.removeHandler(keep)
+    assert [m for m in said if "intact" in m] == [
+        f"{workdir} has no intact best checkpoint; evaluating the latest (step 40)."]
+    assert not [m for m in said if "read only" in m or "read_only" in m]   # Orbax's notes
 
 
 # ---------------------------------------------------------------------- one run per workdir
