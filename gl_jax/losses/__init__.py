@@ -17,6 +17,7 @@ from gl_jax.losses._multi_similarity import multi_similarity_loss
 from gl_jax.losses._normalized_softmax import normalized_softmax_loss
 from gl_jax.losses._proxy_anchor import proxy_anchor_loss
 from gl_jax.losses._triplet import batch_hard_triplet_loss
+from gl_jax.losses import registry   # losses.registry: every loss by name (after the above)
 
 __all__ = [
         "anchor_mask",
@@ -28,5 +29,6 @@ __all__ = [
         "pearson_similarity",
         "proxy_anchor_loss",
         "random_anchor_mask",
+        "registry",
         "replicator_dynamics",
 ]
