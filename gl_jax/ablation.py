@@ -247,8 +247,8 @@ def check_strategies(requested, members: Sequence[Member], config, num_items: in
         return tuple(s for s in glpp.STRATEGIES if s not in reasons), reasons
     bad = {s: reasons[s] for s in requested if s in reasons}
     if bad:
-        raise ValueError("--strategies asks for strategies that do not apply: " + "; ".join(
-            f"{s}: {r}" for s, r in bad.items()))
+        raise ValueError("--evaluate.strategies asks for strategies that do not apply: "
+                         + "; ".join(f"{s}: {r}" for s, r in bad.items()))
     return tuple(requested), {}
 
 

@@ -98,10 +98,12 @@ def settings_for(dataset: str, **overrides) -> Settings:
     return s
 
 
-def parse_strategies(value: str | Sequence[str] | None) -> tuple[str, ...] | None:
+def parse_strategies(value: str | Sequence[str] | None,
+                     what: str = "--evaluate.strategies") -> tuple[str, ...] | None:
     """'auto' / None / '' -> None (every strategy that applies); otherwise a checked tuple.
 
-    Accepts a comma-separated string ('rerank,flip') or a sequence; 'all' = every name."""
+    Accepts a comma-separated string ('rerank,flip') or a sequence; 'all' = every name.
+    `what` names the setting in an error."""
     if value is None:
         return None
     items = [v.strip() for v in (value.split(",") if isinstance(value, str) else value)]
@@ -112,7 +114,7 @@ def parse_strategies(value: str | Sequence[str] | None) -> tuple[str, ...] | Non
         return STRATEGIES
     unknown = [v for v in items if v not in STRATEGIES]
     if unknown:
-        raise ValueError(f"--strategies: unknown strategy {unknown}; known: {list(STRATEGIES)} "
+        raise ValueError(f"{what}: unknown strategy {unknown}; known: {list(STRATEGIES)} "
                          "(or 'auto', 'all')")
     return tuple(dict.fromkeys(items))
 
