@@ -62,6 +62,12 @@ def validate_fields(config) -> None:
                          f"{config.selection.protocol!r}.")
     if len(config.schedule.lr_drop_epochs) != len(config.schedule.lr_drop_factors):
         raise ValueError("config.schedule.lr_drop_epochs and lr_drop_factors differ in length.")
+    if bool(config.model.freeze_backbone):
+        _require(int(config.model.embedding_dim) > 0, "model.embedding_dim",
+                 config.model.embedding_dim,
+                 "with config.model.freeze_backbone = True the embedding would be the frozen "
+                 "backbone's pooled feature, which training cannot change: give the head an "
+                 "embedding layer (e.g. --config.model.embedding_dim=128)")
 
 
 def validate_config(config, splits, mesh: Mesh) -> None:

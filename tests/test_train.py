@@ -191,6 +191,9 @@ def test_non_finite_loss_stops_naming_step_and_checkpoint(tmp_path):
     (dict(optimizer__b2=1.0), ValueError, r"config.optimizer.b2 = 1.0: must be in \[0, 1\)"),
     (dict(checkpoint__every_steps=0), ValueError, r"config.checkpoint.every_steps = 0"),
     (dict(loss__temperature=0.0), ValueError, r"config.loss.temperature = 0.0: must be > 0"),
+    (dict(model__freeze_backbone=True), ValueError,
+     r"config.model.embedding_dim = 0: with config.model.freeze_backbone = True the embedding "
+     r"would be the frozen backbone's pooled feature, which training cannot change"),
 ])
 def test_invalid_configs_fail_before_compiling(overrides, error, match, tmp_path):
     with pytest.raises(error, match=match):
