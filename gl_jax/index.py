@@ -104,6 +104,9 @@ def read_npz(path: str, what: str) -> dict[str, np.ndarray]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what}: {path!r} does not exist" if not os.path.exists(path)
                                 else f"{what}: {path!r} is not a file")
+    if not zipfile.is_zipfile(path):   # np.load would take it for a pickle and say so
+        raise ValueError(f"{what}: {path!r} is not a .npz file (not a zip archive); give the "
+                         "file python -m gl_jax.embed wrote")
     try:
         with np.load(path, allow_pickle=False) as z:
             return {name: z[name] for name in z.files}

@@ -2,10 +2,12 @@
 brute force written from the definition, one file round trip, the model checks, the
 leave-one-out that reproduces the run's Recall@1 (digits:quick; the Omniglot run's printed
 commands are tests/test_first_run.py's), and each error as one line."""
+import io
 import json
 import shutil
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -120,8 +122,16 @@ def test_bad_files_k_and_queries_are_one_line(tmp_path):
                                           "embedding": {}})
     assert_one_line_user_error(error, "another model than the index's", "config_sha256 'b'")
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    (tmp_path / "found.json").write_text('{"queries": []}')
+    array = io.BytesIO()
+    np.save(array, np.eye(3))
+    with zipfile.ZipFile(tmp_path / "bad_member.npz", "w") as z:   # a member cut short
+        z.writestr("embeddings.npy", array.getvalue()[:-8])
     np.savez(tmp_path / "other.npz", embeddings=np.eye(2))
-    for name, expected in (("missing.npz", "does not exist"), ("junk.npz", "not a readable .npz"),
+    for name, expected in (("missing.npz", "does not exist"),
+                           ("junk.npz", "is not a .npz file (not a zip archive)"),
+                           ("found.json", "is not a .npz file (not a zip archive)"),
+                           ("bad_member.npz", "is not a readable .npz file"),
                            ("other.npz", "not a gl_jax embeddings file")):
         with pytest.raises((ValueError, FileNotFoundError)) as error:
             Index.load(str(tmp_path / name))
