@@ -221,12 +221,14 @@ class Row:
     strategies: tuple[str, ...] = ()
 
 
-def check_strategies(requested, members: Sequence[Member], config, num_items: int
+def check_strategies(requested, members: Sequence[Member], config, num_items: int,
+                     flag: str = "--evaluate.strategies"
                      ) -> tuple[tuple[str, ...], dict[str, str]]:
     """(strategies to run, {skipped strategy: reason}).
 
     ``requested`` None = every strategy that applies (the others are skipped with a
-    reason); an explicit list that contains one that does not apply raises ValueError."""
+    reason); an explicit list that contains one that does not apply raises ValueError
+    naming ``flag``."""
     reasons = {}
     if len(members) < 2:
         reasons["ensemble"] = "needs two or more --workdir (independently trained models)"
@@ -247,7 +249,7 @@ def check_strategies(requested, members: Sequence[Member], config, num_items: in
         return tuple(s for s in glpp.STRATEGIES if s not in reasons), reasons
     bad = {s: reasons[s] for s in requested if s in reasons}
     if bad:
-        raise ValueError("--evaluate.strategies asks for strategies that do not apply: "
+        raise ValueError(f"{flag} asks for strategies that do not apply: "
                          + "; ".join(f"{s}: {r}" for s, r in bad.items()))
     return tuple(requested), {}
 

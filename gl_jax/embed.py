@@ -323,7 +323,7 @@ def load_model(workdir: str, checkpoint: str = "best", strategies: Sequence[str]
     settings = embedding_settings(config, strategies, pool_mix, leak)
     chosen = tuple(settings["strategies"])
     if chosen:   # a switch this backbone lacks is refused, as by the evaluator
-        ablation.check_strategies(chosen, [member], config, num_items=3)
+        ablation.check_strategies(chosen, [member], config, num_items=3, flag="--strategies")
     variant = ablation.trained_variant(config)
     if settings["pool_mix"] is not None:
         variant = dataclasses.replace(variant, pooling="mix", pool_mix=settings["pool_mix"])

@@ -98,12 +98,10 @@ def settings_for(dataset: str, **overrides) -> Settings:
     return s
 
 
-def parse_strategies(value: str | Sequence[str] | None,
-                     what: str = "--evaluate.strategies") -> tuple[str, ...] | None:
+def parse_strategies(value: str | Sequence[str] | None) -> tuple[str, ...] | None:
     """'auto' / None / '' -> None (every strategy that applies); otherwise a checked tuple.
 
-    Accepts a comma-separated string ('rerank,flip') or a sequence; 'all' = every name.
-    `what` names the setting in an error."""
+    Accepts a comma-separated string ('rerank,flip') or a sequence; 'all' = every name."""
     if value is None:
         return None
     items = [v.strip() for v in (value.split(",") if isinstance(value, str) else value)]
@@ -114,8 +112,8 @@ def parse_strategies(value: str | Sequence[str] | None,
         return STRATEGIES
     unknown = [v for v in items if v not in STRATEGIES]
     if unknown:
-        raise ValueError(f"{what}: unknown strategy {unknown}; known: {list(STRATEGIES)} "
-                         "(or 'auto', 'all')")
+        raise ValueError(f"--evaluate.strategies: unknown strategy {unknown}; known: "
+                         f"{list(STRATEGIES)} (or 'auto', 'all')")
     return tuple(dict.fromkeys(items))
 
 

@@ -4,6 +4,7 @@ paths and classes, unreadable files follow the data scan's rules, and a stopped 
 (SIGKILLed in a subprocess, slow tier) resumes from its shards to the same bytes."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -195,6 +196,16 @@ def test_raw_and_flip_embeddings_are_the_evaluators(trained, tmp_path):
         embed.embed_images(trained, "split:test", str(tmp_path / "x.npz"),
                            strategies=["rerank"])
     assert_one_line_user_error(error, "rerank", "not among the embedding switches")
+    tiny = tmp_path / "tiny"   # at 2 px the small CNN ends in a 1 x 1 map: max = avg
+    shutil.copytree(trained, tiny)
+    saved = json.loads((tiny / "config.json").read_text())
+    saved["data"]["image_size"] = saved["data"]["resize_size"] = 2
+    (tiny / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError) as error:
+        embed.embed_images(str(tiny), "split:test:0", str(tmp_path / "y.npz"),
+                           strategies=["pool_mix"], show_progress=False)
+    assert_one_line_user_error(error, "--strategies asks for strategies that do not apply: "
+                                      "pool_mix: backbone 'small_cnn' at 2 px")
 
 
 def test_files_embed_as_the_same_images_from_the_split(trained, tmp_path):
@@ -400,3 +411,16 @@ def test_the_command_line(trained, tmp_path):
     _assert_exit_2_one_line(_command(f"--workdir={tmp_path / 'gone'}", f"--images={tmp_path}",
                                      f"--output={output}"),
                             f"--workdir={str(tmp_path / 'gone')!r} does not exist.")
+
+
+@pytest.mark.slow
+def test_the_benchmark_script_runs_on_a_trained_workdir(trained):
+    done = subprocess.run([sys.executable, "experiments/bench_embed.py", f"--workdir={trained}",
+                           "--repeats=1", "--small_shards=256"], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ")]
+    assert [row.split("|")[1].strip() for row in rows[1:]] == [
+        "trainer's evaluation pass", "gl_jax.embed pass (one shard)",
+        "gl_jax.embed pass (shards of 256)", "gl_jax.embed whole call"]
+    assert float(rows[1].split("|")[-2]) == 1.0   # the evaluation is its own unit
