@@ -22,7 +22,7 @@ Which recipe for which shape of data (our studies; experiments/README.md):
   short budget).
 - a linear head on frozen features: multi-similarity or triplet (the same study).
 
-`:quick` is CPU-sized: the small CNN at 32 px, 6 epochs of 40 steps, under a minute on
+`:quick` is CPU-sized: the small CNN at 32 px, 6 epochs of 40 steps, about a minute on
 2 cores. On Omniglot's images_background_small1.zip unzipped (its folder as
 `--config.data.root`; 68 training and 68 test characters) it lifted held-out Recall@1
 from 0.33 (the same network untrained) to 0.56 on this project's 2-core machine.

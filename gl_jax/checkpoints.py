@@ -196,7 +196,7 @@ class _ReadOnlyNotes(std_logging.Filter):
     and restoring a checkpoint ever do, so they would only be noise on stderr."""
 
     def filter(self, record: std_logging.LogRecord) -> bool:
-        message = record.getMessage()
+        message = str(record.msg)   # both notes are plain strings: nothing to format
         return not ("orbax" in record.pathname and ("read_only=True" in message
                                                     or "directory is read only" in message))
 
@@ -526,8 +526,9 @@ def find(workdir: str, which: str = "best") -> tuple[str, int]:
         step = next(_verified_steps(manager), None)
         manager.close()
         if step is not None:
-            if kind != which and (workdir, which, step) not in _FALLBACKS_SAID:
-                _FALLBACKS_SAID.add((workdir, which, step))   # find() runs several times
+            said = (_absolute(workdir), which, step)
+            if kind != which and said not in _FALLBACKS_SAID:
+                _FALLBACKS_SAID.add(said)   # embed and search call find() several times
                 logging.warning("%s has no intact %s checkpoint; evaluating the latest "
                                 "(step %d).", workdir, which, step)
             return directory, step

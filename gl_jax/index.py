@@ -104,13 +104,14 @@ def read_npz(path: str, what: str) -> dict[str, np.ndarray]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what}: {path!r} does not exist" if not os.path.exists(path)
                                 else f"{what}: {path!r} is not a file")
-    if not zipfile.is_zipfile(path):   # np.load would take it for a pickle and say so
-        raise ValueError(f"{what}: {path!r} is not a .npz file (not a zip archive); give the "
-                         "file python -m gl_jax.embed wrote")
     try:
         with np.load(path, allow_pickle=False) as z:
             return {name: z[name] for name in z.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        if not isinstance(e, OSError) and not zipfile.is_zipfile(path):
+            # np.load takes any file that is not a zip for a pickle, and says so.
+            raise ValueError(f"{what}: {path!r} is not a .npz file (not a zip archive); "
+                             "give a file that python -m gl_jax.embed wrote") from e
         raise ValueError(f"{what}: {path!r} is not a readable .npz file "
                          f"({type(e).__name__}: {' '.join(str(e).split())})") from e
 

@@ -300,11 +300,11 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     o = flags.FLAGS
+    index = Index.load(o.index)
     for flag, path, example in (("--output", o.output, "found.json"),
                                 ("--picture", o.picture, "found.png")):
-        if path is not None:   # before the search: its folder is made, or fails now
+        if path:   # before the search: its folder is made, or fails now
             export.check_output(path, flag, example)
-    index = Index.load(o.index)
     workdir = o.workdir or (index.model or {}).get("workdir") or ""
     if os.path.isfile(os.path.join(workdir, "config.json")):   # before a JAX backend starts
         xla_flags.apply(ablation.load_workdir_config(workdir))

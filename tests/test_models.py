@@ -33,7 +33,7 @@ ALL = ["bninception", "efficientnet_lite0", "resnet101", "resnet18", "resnet34",
 _ABSTRACT = {}
 
 
-def abstract_model(name, **kwargs):
+def cached_abstract(name, **kwargs):
     """Shape-only model (no arrays allocated), built once per argument set: tracing the
     construction of the big backbones takes seconds."""
     kwargs.setdefault("num_classes", 1000)
@@ -66,7 +66,7 @@ def randomize(abstract, seed=0):
 
 def build(name, seed=0, **kwargs):
     """A concrete model in train mode with random parameters and statistics."""
-    model = randomize(abstract_model(name, **kwargs), seed)
+    model = randomize(cached_abstract(name, **kwargs), seed)
     model.train()
     return model
 
@@ -239,25 +239,32 @@ PUBLISHED = {"resnet18": 11_689_512, "resnet34": 21_797_672, "resnet50": 25_557_
 ])
 def test_parameter_counts_match_the_originals(name, derived):
     assert PUBLISHED.get(name, derived) == derived
-    assert count_params(abstract_model(name, num_classes=1000)) == derived
+    assert count_params(cached_abstract(name, num_classes=1000)) == derived
 
 
-@pytest.mark.parametrize("name", ["small_cnn", "resnet18"])
-def test_abstract_model_has_the_state_of_a_model_built_with_nnx_rngs(name):
-    """`abstract_model` draws its keys from a counter, not nnx.Rngs: the same paths,
-    shapes, dtypes and Variable types."""
+@pytest.mark.parametrize("name, kwargs", [
+    ("small_cnn", {}), ("resnet18", {}),
+    ("small_cnn", dict(embedding_dim=16, pooling="mix", leak=0.5, dtype=jnp.bfloat16,
+                       cpu_kernels=True)),
+    *[pytest.param(name, {}, marks=pytest.mark.slow)   # nnx.Rngs takes seconds on these
+      for name in ALL if name not in ("small_cnn", "resnet18")]])
+def test_abstract_model_is_the_model_built_with_nnx_rngs(name, kwargs):
+    """`abstract_model` draws its keys from a counter, not nnx.Rngs: the same graph, and
+    the same paths, shapes, dtypes and Variable types (a restore target must fit)."""
     def layout(model):
-        return {path: (v.shape, v.dtype, type(v).__name__)
-                for path, v in nnx.to_flat_state(nnx.state(model))}
-    real = nnx.eval_shape(lambda: create_model(name, num_classes=10, rngs=nnx.Rngs(0)))
-    assert layout(models.abstract_model(name, num_classes=10)) == layout(real)
+        graphdef, state = nnx.split(model)
+        return graphdef, {path: (v.shape, v.dtype, type(v).__name__)
+                          for path, v in nnx.to_flat_state(state)}
+    real = nnx.eval_shape(lambda: create_model(name, num_classes=10, rngs=nnx.Rngs(0),
+                                               **kwargs))
+    assert layout(models.abstract_model(name, num_classes=10, **kwargs)) == layout(real)
     with pytest.raises(ValueError, match="rngs"):
         models.abstract_model(name, num_classes=10, rngs=nnx.Rngs(0))
 
 
 @pytest.mark.parametrize("name", ALL)
 def test_head_parameters_and_state_layout(name):
-    model = abstract_model(name, num_classes=1000)
+    model = cached_abstract(name, num_classes=1000)
     features = registry[name].num_features
     assert count_params(model) - count_params(model.backbone) == features * 1000 + 1000
     stats = jax.tree_util.tree_leaves(nnx.state(model, nnx.BatchStat))
@@ -267,7 +274,7 @@ def test_head_parameters_and_state_layout(name):
 
 
 def test_embedding_layer_parameters():
-    model = abstract_model("small_cnn", num_classes=7, embedding_dim=16)
+    model = cached_abstract("small_cnn", num_classes=7, embedding_dim=16)
     assert count_params(model) - count_params(model.backbone) == 64 * 16 + 16 + 16 * 7 + 7
     assert model.embedding.kernel.shape == (64, 16) and model.classifier.kernel.shape == (16, 7)
 
@@ -282,7 +289,7 @@ def test_embedding_layer_parameters():
 def test_output_shapes(name, size, grid):
     """Final grid: ResNet 7x7 at 224, 8x8 at 227 (torchvision arithmetic); the Caffe
     BN-Inception 7x7 at 227 (ceil-mode pools); EfficientNet ceil(size / 32) ('SAME')."""
-    model = abstract_model(name, num_classes=1000)
+    model = cached_abstract(name, num_classes=1000)
     x = jax.ShapeDtypeStruct((3, size, size, 3), jnp.float32)
     fmap, (emb, aux) = nnx.eval_shape(lambda m, x: (m.backbone(x), m(x)), model, x)
     features = registry[name].num_features
@@ -298,7 +305,7 @@ def test_bninception_input_sizes():
     from gl_jax.models.bninception import final_grid
     assert [final_grid(n) for n in (32, 64, 96, 128, 224, 227, 256)] == [1, 2, 3, 4, 7, 7, 8]
     assert final_grid(112) == 0 and final_grid(103) == 0
-    model = abstract_model("bninception", num_classes=1000)
+    model = cached_abstract("bninception", num_classes=1000)
     fmap = nnx.eval_shape(lambda m, x: m.backbone(x), model,
                           jax.ShapeDtypeStruct((1, 128, 96, 3), jnp.float32))
     assert fmap.shape == (1, 4, 3, 1024)
@@ -429,7 +436,7 @@ def test_resnet_blocks_match_numpy(block_cls, in_channels, width, stride):
 
 @pytest.fixture(scope="module")
 def bninception_backbone():
-    model = randomize(abstract_model("bninception", num_classes=1000).backbone, seed=5)
+    model = randomize(cached_abstract("bninception", num_classes=1000).backbone, seed=5)
     model.eval()
     return model
 
@@ -519,7 +526,7 @@ def test_pooling_and_leak_are_test_time_switches(images32):
     with other switches, and the outputs follow the Group Loss++ formulas."""
     plain = build("small_cnn", num_classes=3)
     plain.eval()
-    switched = abstract_model("small_cnn", num_classes=3, pooling="mix", pool_mix=0.3, leak=0.5)
+    switched = cached_abstract("small_cnn", num_classes=3, pooling="mix", pool_mix=0.3, leak=0.5)
     assert (jax.tree_util.tree_structure(nnx.state(plain))
             == jax.tree_util.tree_structure(nnx.state(switched)))
     switched = randomize(switched, seed=99)
@@ -620,7 +627,7 @@ def test_split_merge_jitted_step_updates_batch_stats(images32):
 def test_bfloat16_compute_float32_params_and_outputs(images32):
     reference = build("small_cnn", num_classes=4, embedding_dim=8)
     reference.eval()
-    half = randomize(abstract_model("small_cnn", num_classes=4, embedding_dim=8,
+    half = randomize(cached_abstract("small_cnn", num_classes=4, embedding_dim=8,
                                     dtype=jnp.bfloat16))
     nnx.update(half, nnx.state(reference))
     half.eval()
@@ -634,7 +641,7 @@ def test_bfloat16_compute_float32_params_and_outputs(images32):
 
 
 def test_bfloat16_big_backbone_dtypes():
-    model = abstract_model("resnet50", num_classes=10, dtype=jnp.bfloat16)
+    model = cached_abstract("resnet50", num_classes=10, dtype=jnp.bfloat16)
     x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
     fmap, (emb, aux) = nnx.eval_shape(lambda m, x: (m.backbone(x), m(x)), model, x)
     assert fmap.dtype == jnp.bfloat16

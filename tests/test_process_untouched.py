@@ -22,6 +22,8 @@ for dependency in ("jax", "flax.nnx", "optax", "orbax.checkpoint", "grain", "skl
     importlib.import_module(dependency)
 before = dict(os.environ)
 import gl_jax
+from gl_jax import losses
+losses_registry = hasattr(losses, "registry")   # as README writes it, before anything else
 names = sorted(m.name for m in pkgutil.walk_packages(gl_jax.__path__, "gl_jax.")
                if not m.name.endswith("__main__"))
 from absl import flags
@@ -37,7 +39,7 @@ for name in models.available_models():
 model = models.create_model("small_cnn", num_classes=3, rngs=nnx.Rngs(0))
 model(__import__("jax.numpy").numpy.ones((1, 8, 8, 3)))
 changed = sorted(k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k))
-print(json.dumps({"modules": len(names), "changed": changed,
+print(json.dumps({"modules": len(names), "changed": changed, "losses_registry": losses_registry,
                   "XLA_FLAGS": os.environ.get("XLA_FLAGS"),
                   "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES")}))
 """
@@ -60,6 +62,7 @@ def test_importing_every_module_and_building_every_model_changes_no_environment(
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["modules"] >= 30          # the walk found the package, not nothing
     assert report["changed"] == []
+    assert report["losses_registry"]
     assert report["XLA_FLAGS"] == xla_flags
     assert report["GLIBC_TUNABLES"] is None
 

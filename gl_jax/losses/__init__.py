@@ -17,7 +17,7 @@ from gl_jax.losses._multi_similarity import multi_similarity_loss
 from gl_jax.losses._normalized_softmax import normalized_softmax_loss
 from gl_jax.losses._proxy_anchor import proxy_anchor_loss
 from gl_jax.losses._triplet import batch_hard_triplet_loss
-from gl_jax.losses import registry   # losses.registry: every loss by name (after the above)
+from gl_jax.losses import registry   # every loss by name: losses.registry.metric_loss(...)
 
 __all__ = [
         "anchor_mask",
