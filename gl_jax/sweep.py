@@ -40,6 +40,7 @@ import time
 
 import numpy as np
 
+from gl_jax import cli
 from gl_jax import metric_writers
 
 # The checkout's root: sweep configs import `configs` (and their own folder) from there.
@@ -82,10 +83,10 @@ def apply(config, point: dict):
         node = config
         for section in sections:
             if section not in node:
-                raise KeyError(f"sweep point {point}: config has no section {section!r}")
+                raise ValueError(f"sweep point {point}: config has no section {section!r}")
             node = node[section]
         if field not in node:
-            raise KeyError(f"sweep point {point}: config has no field {dotted!r}")
+            raise ValueError(f"sweep point {point}: config has no field {dotted!r}")
         node[field] = value
     return config
 
@@ -128,6 +129,8 @@ class Sweep:
         for point in self.test:
             if point not in self.points:
                 raise ValueError(f"test point {point} is not a point of the sweep")
+        for point in self.points:   # a misspelt field fails here, before any run starts
+            self.config(point)
 
     def config(self, point: dict, final_test: bool | None = None):
         config = apply(self.module.get_config(self.arg), point)
@@ -298,6 +301,19 @@ def git_head() -> str:
 
 
 # ------------------------------------------------------------------------------- main
+def _one_line_user_errors(fn, *args):
+    """``fn(*args)``, a user error (a missing or bad sweep config, a bad value in a point)
+    printed as one line with exit status 2, as the other command lines print theirs
+    (``GL_JAX_TRACEBACK=1`` keeps the traceback)."""
+    try:
+        return fn(*args)
+    except Exception as e:   # noqa: BLE001 - sorted into user and internal errors
+        if not cli.is_user_error(e) or os.environ.get("GL_JAX_TRACEBACK", "") not in ("", "0"):
+            raise
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="path/to/sweep_config.py[:arg]")
@@ -307,12 +323,12 @@ def main(argv=None) -> None:
                    help="evaluate the config's test_points on the test split")
     p.add_argument("--report_only", action="store_true", help="train nothing; write the table")
     p.add_argument("--report", default="", help="Markdown output (default: beside the config, "
-                   "<config name>[_<arg>].md)")
+                   "its name and arg in capitals, e.g. STUDY_HEAD_K4.md)")
     p.add_argument("--point", type=int, default=-1, help=argparse.SUPPRESS)  # one run, here
     args = p.parse_args(argv)
-    sweep = Sweep(args.config, args.root)
+    sweep = _one_line_user_errors(Sweep, args.config, args.root)
     if args.point >= 0:
-        run_point(sweep, args.point, args.test)
+        _one_line_user_errors(run_point, sweep, args.point, args.test)
         return
     if not args.report_only:
         run_all(sweep, args.test, args.jobs)

@@ -25,10 +25,36 @@ def test_apply_sets_dotted_fields_and_refuses_unknown_ones():
     assert (config.loss.temperature, config.seed, tuple(config.schedule.lr_drop_epochs)) == (
         3.0, 7, (2,))
     assert base.loss.temperature != 3.0          # the base config is not touched
-    with pytest.raises(KeyError, match="loss.temprature"):
+    with pytest.raises(ValueError, match="loss.temprature"):
         sweep_lib.apply(base, {"loss.temprature": 3.0})
-    with pytest.raises(KeyError, match="no section 'los'"):
+    with pytest.raises(ValueError, match="no section 'los'"):
         sweep_lib.apply(base, {"los.temperature": 3.0})
+
+
+def test_user_errors_are_one_line(tmp_path, capsys):
+    """A missing or non-sweep config, a misspelt field and a bad value in a point: one
+    line on stderr and exit status 2, before any run (the point's own process included)."""
+    (tmp_path / "typo.py").write_text(textwrap.dedent('''
+        from configs import digits
+        def get_config(arg=None):
+            return digits.get_config("quick")
+        def sweep(arg=None):
+            return [{"loss.temprature": 5.0}]
+    '''))
+    (tmp_path / "bad_lr.py").write_text((tmp_path / "typo.py").read_text().replace(
+        "loss.temprature", "optimizer.lr").replace("5.0", "-1.0"))
+    cases = [([f"--config={tmp_path / 'nope.py'}"], "nope.py: no such sweep config"),
+             (["--config=configs/digits.py:quick"], "defines no sweep(arg): not a sweep config"),
+             ([f"--config={tmp_path / 'typo.py'}"], "config has no field 'loss.temprature'"),
+             ([f"--config={tmp_path / 'bad_lr.py'}", "--point=0"],
+              "config.optimizer.lr = -1.0: a learning rate must be a finite number >= 0")]
+    for args, expected in cases:
+        with pytest.raises(SystemExit) as exit_:
+            sweep_lib.main(args + [f"--root={tmp_path / 'runs'}"])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+        assert expected in err, err
 
 
 def test_digest_follows_what_a_run_computes():
