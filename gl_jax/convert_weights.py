@@ -42,6 +42,7 @@ def convert(arch: str, input_path: str | None, output: str, *, head: str = "keep
 
 def _convert(arch, input_path, output, *, head, allow_mismatch, overwrite):
     """`convert`, also returning the line that says what was converted."""
+    weights.check_output_directory(output, overwrite)   # before the reading and converting
     if input_path is None:
         if arch != "efficientnet_lite0":
             raise ValueError(f"--input is required for --arch={arch}")

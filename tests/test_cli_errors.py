@@ -208,3 +208,9 @@ def test_convert_weights_prints_only_its_own_lines(tmp_path):
     _assert_one_line(again, f"{out} already holds converted weights")
     _assert_one_line(_run("gl_jax.convert_weights", "--arch=resnet1", f"--output={out}"),
                      "error: --arch=resnet1: value should be one of")
+    a_file = out / "metadata.json"
+    for output in (a_file, a_file / "under"):   # a file, and a folder under a file
+        _assert_one_line(_run("gl_jax.convert_weights", "--arch=efficientnet_lite0",
+                              f"--output={output}"),
+                         f"error: output directory {output}: {a_file} is a file, not a "
+                         "directory")

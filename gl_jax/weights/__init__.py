@@ -15,12 +15,14 @@ mismatch report), `pretrained` (Orbax save/load, the EfficientNet-Lite0 package 
 from gl_jax.weights.convert import (ARCHITECTURES, ArchitectureRule, ConversionReport,
                                     convert_state_dict, torch_key_map)
 from gl_jax.weights.pretrained import (FORMAT, LoadReport, build_converted_model,
-                                       converted_efficientnet_lite0, efficientnet_lite0_file,
-                                       load_pretrained, read_metadata, save_converted)
+                                       check_output_directory, converted_efficientnet_lite0,
+                                       efficientnet_lite0_file, load_pretrained, read_metadata,
+                                       save_converted)
 from gl_jax.weights.torch_reader import UnsafeCheckpointError, load_state_dict, read_torch_file
 
 __all__ = ["ARCHITECTURES", "ArchitectureRule", "ConversionReport", "FORMAT", "LoadReport",
-           "UnsafeCheckpointError", "build_converted_model", "convert_state_dict",
+           "UnsafeCheckpointError", "build_converted_model", "check_output_directory",
+           "convert_state_dict",
            "converted_efficientnet_lite0",
            "efficientnet_lite0_file", "load_pretrained", "load_state_dict", "read_metadata",
            "read_torch_file", "save_converted", "torch_key_map"]

@@ -33,7 +33,7 @@ from gl_jax.weights.convert import ARCHITECTURES, ConversionReport, convert_stat
 from gl_jax.weights.torch_reader import load_state_dict
 
 __all__ = ["FORMAT", "efficientnet_lite0_file", "converted_efficientnet_lite0",
-           "build_converted_model", "save_converted",
+           "build_converted_model", "check_output_directory", "save_converted",
            "read_metadata", "LoadReport", "load_pretrained"]
 
 FORMAT = "gl_jax.converted_weights/1"
@@ -133,6 +133,24 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
+def check_output_directory(directory: str | os.PathLike, overwrite: bool = False) -> str:
+    """The absolute path of ``directory`` if converted weights can be written there:
+    ValueError if it is a file (or under one) or already holds converted weights that
+    ``overwrite`` does not allow to replace."""
+    directory = os.path.abspath(os.fspath(directory))
+    above = directory
+    while not os.path.exists(above):
+        above = os.path.dirname(above)
+    if not os.path.isdir(above):
+        raise ValueError(f"output directory {directory}: {above} is a file, not a directory")
+    state_dir = os.path.join(directory, _STATE_DIR)
+    metadata_file = os.path.join(directory, _METADATA_FILE)
+    if (os.path.exists(state_dir) or os.path.exists(metadata_file)) and not overwrite:
+        raise ValueError(f"output directory {directory} already holds converted weights; "
+                         "choose another or pass overwrite=True (--overwrite)")
+    return directory
+
+
 def save_converted(model: nnx.Module, directory: str | os.PathLike, *, arch: str,
                    source: str, report: ConversionReport | None = None,
                    overwrite: bool = False) -> str:
@@ -150,13 +168,9 @@ def save_converted(model: nnx.Module, directory: str | os.PathLike, *, arch: str
     """
     import orbax.checkpoint as ocp  # heavy import, only needed here
 
-    directory = os.path.abspath(os.fspath(directory))
+    directory = check_output_directory(directory, overwrite)
     state_dir = os.path.join(directory, _STATE_DIR)
     metadata_file = os.path.join(directory, _METADATA_FILE)
-    if os.path.exists(state_dir) or os.path.exists(metadata_file):
-        if not overwrite:
-            raise ValueError(f"output directory {directory} already holds converted weights; "
-                             "choose another or pass overwrite=True (--overwrite)")
     os.makedirs(directory, exist_ok=True)
     classifier = getattr(model, "classifier", None)
     metadata = {
