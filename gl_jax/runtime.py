@@ -12,7 +12,7 @@ import functools
 import hashlib
 import json
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from absl import logging
 
@@ -51,14 +51,18 @@ def model_arguments(config: ml_collections.ConfigDict, num_classes: int) -> dict
                 dtype=jnp.dtype(m.dtype), cpu_kernels=str(m.cpu_kernels))
 
 
-def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nnx.Module:
-    """The configured backbone + heads, initialised from `config.seed` (and `init_from`)."""
+def build_model(config: ml_collections.ConfigDict, num_classes: int,
+                say: Callable[[str], None] | None = None) -> nnx.Module:
+    """The configured backbone + heads, initialised from `config.seed` (and `init_from`;
+    `say` is told what it loaded and what kept its initialisation)."""
     m = config.model
     model = models.create_model(**model_arguments(config, num_classes),
                                 rngs=nnx.Rngs(int(config.seed)))
     if m.init_from:
         from gl_jax import weights  # only needed when starting from converted weights
-        weights.load_pretrained(model, m.init_from, arch=m.name)
+        report = weights.load_pretrained(model, m.init_from, arch=m.name)
+        if say is not None:
+            say(f"init_from {m.init_from}: {report.summary()}")
     return model
 
 

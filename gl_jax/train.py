@@ -319,7 +319,7 @@ def _train_with(config, workdir: str, checkpoints: ckpt.Checkpoints, mesh, split
     """`_train_and_evaluate` from building the model on, with the workdir's checkpoints."""
     is_main = jax.process_index() == 0
     train_source, final_step = splits["train"], stages[-1].last_step
-    model = runtime.build_model(config, train_source.num_classes)
+    model = runtime.build_model(config, train_source.num_classes, say=say)
     graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
     del model
 

@@ -220,7 +220,12 @@ def test_init_from_loads_backbone_and_keeps_new_head(tmp_path):
     config = quick_config()
     fresh = runtime.build_model(config, 5)
     config.model.init_from = saved
-    loaded = runtime.build_model(config, 5)
+    said = []
+    loaded = runtime.build_model(config, 5, say=said.append)
+    assert said == [f"init_from {saved}: loaded 15 arrays; kept their initialisation: "
+                    "classifier/bias (checkpoint shape (7,), model (5,)), classifier/kernel "
+                    "(checkpoint shape (64, 7), model (64, 5)); not used: classifier/bias, "
+                    "classifier/kernel"]
     src_backbone = nnx.state(source.backbone)
     np.testing.assert_array_equal(nnx.state(loaded.backbone).conv1.kernel[...],
                                   src_backbone.conv1.kernel[...])

@@ -238,6 +238,11 @@ class LoadReport:
     kept_init: list[str] = dataclasses.field(default_factory=list)
     unused: list[str] = dataclasses.field(default_factory=list)
 
+    def summary(self) -> str:
+        return (f"loaded {len(self.loaded)} arrays; kept their initialisation: "
+                f"{', '.join(self.kept_init) or 'none'}; not used: "
+                f"{', '.join(self.unused) or 'none'}")
+
 
 def load_pretrained(model: nnx.Module, path: str | os.PathLike, *,
                     arch: str | None = None) -> LoadReport:
@@ -295,6 +300,5 @@ def load_pretrained(model: nnx.Module, path: str | os.PathLike, *,
         if name in loaded:
             variable.set_value(jnp.asarray(saved[name], dtype=variable.get_value().dtype))
     nnx.update(model, state)
-    logging.info("init_from %s: loaded %d arrays; kept initialisation: %s; unused: %s",
-                 os.fspath(path), len(report.loaded), report.kept_init, report.unused)
+    logging.info("init_from %s: %s", os.fspath(path), report.summary())
     return report
