@@ -4,6 +4,8 @@ Any config field can be overridden, e.g. `--config.optimizer.lr=1e-4`; a config 
 take an argument after a colon (`configs/cars196.py:quick`). Running the same command
 again resumes from the last checkpoint in DIR.
 """
+import os
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -33,7 +35,17 @@ def main(argv):
     # What needs neither JAX nor the data, before the trainer's imports (Flax, Orbax:
     # seconds) and before the workdir gets anything: a bad value or an unusable workdir.
     config_checks.validate_fields(config)
+    created = not os.path.exists(FLAGS.workdir)
     workdir_lock.prepare(FLAGS.workdir)
+    try:
+        _train(config)
+    except BaseException:
+        if created:   # a run refused before it wrote anything leaves no workdir behind
+            workdir_lock.remove_if_unused(FLAGS.workdir)
+        raise
+
+
+def _train(config) -> None:
     import jax
     from gl_jax import train
     # Before anything starts a JAX backend, which reads XLA_FLAGS once.

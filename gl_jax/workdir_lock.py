@@ -83,6 +83,19 @@ def prepare(workdir: str) -> None:
     os.close(_open_lock_file(os.path.join(workdir, LOCK_FILE)))
 
 
+def remove_if_unused(workdir: str) -> None:
+    """Removes `workdir` if it holds nothing but a lock file no run holds (a holder writes
+    who it is into it): what `prepare` leaves in a workdir it created for a run that was
+    refused before it wrote anything. Best effort: an empty workdir left is harmless."""
+    path = os.path.join(workdir, LOCK_FILE)
+    try:
+        if os.listdir(workdir) == [LOCK_FILE] and os.path.getsize(path) == 0:
+            os.remove(path)
+            os.rmdir(workdir)
+    except OSError:
+        pass
+
+
 def check_free(workdir: str) -> None:
     """Raises WorkdirBusyError if another run holds `workdir` now. Takes nothing and writes
     nothing: a shared lock, released at once, only asks whether an exclusive one is held."""

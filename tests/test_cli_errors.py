@@ -117,6 +117,19 @@ def test_an_unusable_workdir_is_one_line_naming_it(tmp_path, case):
     _assert_one_line(_main(DIGITS, f"--workdir={workdir}"), expected)
 
 
+@pytest.mark.slow
+def test_a_config_refused_by_the_trainer_leaves_no_new_workdir(tmp_path):
+    """Checked after the trainer's imports (the model name needs the registry): a workdir
+    the command created for the run goes again; one the user made stays."""
+    new, own = tmp_path / "new" / "w", tmp_path / "own"
+    own.mkdir()
+    for workdir in (new, own):
+        _assert_one_line(_main(DIGITS, f"--workdir={workdir}", "--config.model.name=resnet9000"),
+                         "config.model.name = 'resnet9000' is unknown")
+    assert not new.exists() and (tmp_path / "new").is_dir()   # only what it created
+    assert own.is_dir()
+
+
 _IMPORTED_JAX = """
 import atexit, runpy, sys
 atexit.register(lambda: print("jax imported:", "jax" in sys.modules))
