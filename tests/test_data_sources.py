@@ -1,5 +1,6 @@
 """Dataset layouts written by the tests, decoding, transforms and normalisation."""
 import os
+import shutil
 import zipfile
 
 import ml_collections
@@ -210,6 +211,14 @@ def test_cars196_folder_split_98_98(tmp_path):
     assert (splits["train"].num_classes, splits["val"].num_classes,
             splits["test"].num_classes) == (90, 8, 98)
     assert splits["test"].class_names[0] == "099" and splits["val"].class_names[0] == "091"
+    for c in range(49, 196):   # 49 classes left: the 98 / 98 split is the dataset's own
+        shutil.rmtree(tmp_path / "images" / f"{c + 1:03d}")
+    with pytest.raises(ValueError, match="cars196 trains on its first 98 classes and tests "
+                                         "on the others, but .*images has 49 class folders"):
+        gdata.load_splits(_config("cars196", tmp_path))
+    with pytest.raises(ValueError, match=r"config.data.train_classes = 60 must be in \(0, 49\) "
+                                         "for the 49 classes under"):
+        gdata.load_splits(_config("image_folder", tmp_path / "images", train_classes=60))
 
 
 # ------------------------------------------------------------------ CUB
@@ -254,6 +263,12 @@ def test_sop_list_files(tmp_path):
     assert splits["train"].class_names == ["1"] and splits["val"].class_names == ["3"]
     assert splits["test"].labels.tolist() == [0, 1] and splits["test"].class_names == ["7", "9"]
     assert splits["val"][1]["image"].shape == (12, 10, 3)
+    headless = (tmp_path / "Ebay_test.txt").read_text().split("\n", 1)[1]
+    (tmp_path / "Ebay_test.txt").write_text(headless)   # its first image is not a header
+    with pytest.raises(ValueError, match=r"Ebay_test.txt:1: expected the header line starting "
+                                         r"'image_id', got '5 7 1 sofa_final/7_0.JPG'"):
+        gdata.load_splits(_config("sop", tmp_path))
+    (tmp_path / "Ebay_test.txt").write_text("image_id class_id super_class_id path\n" + headless)
     with open(tmp_path / "Ebay_test.txt", "a") as f:
         f.write("7 9 1\n")
     with pytest.raises(ValueError, match=r"Ebay_test.txt:4: expected 4 columns"):
@@ -287,6 +302,12 @@ def test_inshop_partition(tmp_path):
     assert splits["gallery"].labels.tolist() == [0, 1]
     assert splits["query"].class_names == splits["gallery"].class_names
     assert splits["gallery"][1]["image"].shape == (12, 10, 3)
+    for cut, line, got in ((1, 1, "image_name item_id"), (2, 1, "img/WOMEN")):
+        (tmp_path / "Eval" / "list_eval_partition.txt").write_text(
+            "".join(text.splitlines(keepends=True)[cut:]))   # header lines lost
+        with pytest.raises(ValueError, match=rf"list_eval_partition.txt:{line}: expected the "
+                                             rf"header line starting .*, got '{got}"):
+            gdata.load_splits(_config("inshop", tmp_path))
     (tmp_path / "Eval" / "list_eval_partition.txt").write_text(
         text + "img/x.jpg id_1 validation\n")
     with pytest.raises(ValueError, match=r"list_eval_partition.txt:10: .*'validation'"):

@@ -32,12 +32,23 @@ def _require_dir(path: str, what: str) -> None:
         raise FileNotFoundError(f"{what}: folder {path!r} does not exist")
 
 
-def _read_table(path: str, num_columns: int, skip_lines: int = 0) -> list[tuple[int, list[str]]]:
-    """Whitespace-separated lines -> [(line number, columns)]; a bad line -> ValueError."""
+def _read_table(path: str, num_columns: int, header: Sequence[str] = ()
+                ) -> list[tuple[int, list[str]]]:
+    """Whitespace-separated lines -> [(line number, columns)]; a bad line -> ValueError.
+
+    ``header``: what each header line starts with ('<count>': a number), checked, so that
+    a file that lost its header does not lose its first images as header lines instead."""
     rows = []
     with open(path) as f:
         for line_number, line in enumerate(f, start=1):
-            if line_number <= skip_lines or not line.strip():
+            if line_number <= len(header):
+                first = (line.split() or [""])[0]
+                expected = header[line_number - 1]
+                if not (first.isdigit() if expected == "<count>" else first == expected):
+                    raise ValueError(f"{path}:{line_number}: expected the header line "
+                                     f"starting {expected!r}, got {line.rstrip()!r}")
+                continue
+            if not line.strip():
                 continue
             columns = line.split()
             if len(columns) != num_columns:
@@ -206,7 +217,11 @@ def load_image_folder_splits(root: str, val_classes: int = 0, train_classes: int
     n = full.num_classes
     n_train = n // 2 if train_classes == 0 else train_classes
     if not 0 < n_train < n:
-        raise ValueError(f"{name}: train_classes={n_train} must be in (0, {n}) for {n} classes")
+        if name == "image_folder":
+            raise ValueError(f"config.data.train_classes = {n_train} must be in (0, {n}) for "
+                             f"the {n} classes under {root}")
+        raise ValueError(f"{name} trains on its first {n_train} classes and tests on the "
+                         f"others, but {root} has {n} class folders")
     return split_by_classes(full, range(n_train), range(n_train, n), val_classes, name)
 
 
@@ -266,7 +281,7 @@ def load_cars_splits(root: str, val_classes: int = 0) -> dict[str, Source]:
 def _sop_list(root: str, file_name: str, split: str) -> FileSource:
     path = os.path.join(root, file_name)
     _require_file(path, "sop")
-    rows = _read_table(path, 4, skip_lines=1)  # header: image_id class_id super_class_id path
+    rows = _read_table(path, 4, header=("image_id",))  # image_id class_id super_class_id path
     class_ids = np.asarray([_int_column(path, line, cols[1]) for line, cols in rows])
     kept = np.unique(class_ids)
     return FileSource(f"sop/{split}", [os.path.join(root, cols[3]) for _, cols in rows],
@@ -291,7 +306,7 @@ def load_inshop_splits(root: str, val_classes: int = 0) -> dict[str, Source]:
     """
     path = os.path.join(root, "Eval", "list_eval_partition.txt")
     _require_file(path, "inshop")
-    rows = _read_table(path, 3, skip_lines=2)  # line 1: count, line 2: header
+    rows = _read_table(path, 3, header=("<count>", "image_name"))  # the count, the names
     base = os.path.join(root, "Img")
     if not os.path.isdir(base):
         base = root
