@@ -59,9 +59,15 @@ def _train(config) -> None:
         # Collectives between CPU devices of different processes need gloo; accelerators
         # use their own (ICI, NCCL), so this changes nothing on a GPU or TPU host.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                                   num_processes=FLAGS.num_processes,
-                                   process_id=FLAGS.process_id)
+        try:
+            jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                                       num_processes=FLAGS.num_processes,
+                                       process_id=FLAGS.process_id)
+        except ValueError as e:   # nothing in the environment says where the others are
+            raise ValueError(
+                f"config.mesh.distributed = True: {e} (jax.distributed finds the coordinator "
+                "on Cloud TPU, SLURM and Open MPI; elsewhere pass --coordinator_address="
+                "HOST:PORT --num_processes=N --process_id=I)") from e
     where = (f"JAX process {jax.process_index()} / {jax.process_count()}, local devices "
              f"{jax.local_devices()}")
     if jax.process_count() > 1:

@@ -130,6 +130,14 @@ def test_a_config_refused_by_the_trainer_leaves_no_new_workdir(tmp_path):
     assert own.is_dir()
 
 
+@pytest.mark.slow
+def test_distributed_without_a_coordinator_is_one_line(tmp_path):
+    proc = _main(DIGITS, f"--workdir={tmp_path / 'w'}", "--config.mesh.distributed=True")
+    _assert_one_line(proc, "config.mesh.distributed = True: coordinator_address should be "
+                           "defined", "pass --coordinator_address=HOST:PORT")
+    assert not (tmp_path / "w").exists()
+
+
 _IMPORTED_JAX = """
 import atexit, runpy, sys
 atexit.register(lambda: print("jax imported:", "jax" in sys.modules))
