@@ -225,6 +225,10 @@ def load_image_folder_splits(root: str, val_classes: int = 0, train_classes: int
     return split_by_classes(full, range(n_train), range(n_train, n), val_classes, name)
 
 
+def _has_entries(folder: str) -> bool:
+    return any(not name.startswith(".") for name in os.listdir(folder))
+
+
 def _images_dir(root: str) -> str:
     """The original code's `<root>/images/<class>/`; a bare `<root>/<class>/` also works."""
     images = os.path.join(root, "images")
@@ -243,6 +247,9 @@ def load_cub_splits(root: str, val_classes: int = 0) -> dict[str, Source]:
     labels_txt = os.path.join(root, "image_class_labels.txt")
     if not os.path.exists(images_txt) and not os.path.exists(labels_txt):
         _require_dir(root, "cub200")
+        if not _has_entries(_images_dir(root)):
+            raise ValueError(f"cub200: {root!r} holds neither images.txt and "
+                             "image_class_labels.txt nor images/<class>/ folders")
         return load_image_folder_splits(_images_dir(root), val_classes, 100, "cub200")
     _require_file(images_txt, "cub200")
     _require_file(labels_txt, "cub200")
@@ -273,6 +280,8 @@ def load_cub_splits(root: str, val_classes: int = 0) -> dict[str, Source]:
 
 def load_cars_splits(root: str, val_classes: int = 0) -> dict[str, Source]:
     """Cars196 as the original code reads it: `<root>/images/<class>/`; classes 1-98 / 99-196."""
+    if os.path.isdir(root) and not _has_entries(_images_dir(root)):
+        raise ValueError(f"cars196: {root!r} holds no images/<class>/ folders")
     return load_image_folder_splits(_images_dir(root), val_classes, 98, "cars196")
 
 
