@@ -73,6 +73,13 @@ def _user_error(message: str, status: int = 2):
     sys.exit(status)
 
 
+def exit_if_user_error(error: BaseException) -> None:
+    """For a user error (unless tracebacks are asked for): `error: <message>` on stderr and
+    exit status 2 (1 for a diverged loss). Returns for anything else: the caller re-raises."""
+    if is_user_error(error) and not _show_tracebacks(sys.argv):
+        _user_error(str(error), 1 if isinstance(error, errors.NonFiniteLossError) else 2)
+
+
 def flag_values(argv, name: str):
     """The values given to --name on the command line (`--name=V` or `--name V`)."""
     for i, arg in enumerate(argv):
@@ -215,9 +222,8 @@ def run(main, before_flags=None) -> None:
             sys.stderr.flush()
             os._exit(_BROKEN_PIPE_STATUS)   # as after an interrupt: threads may block
         except BaseException as e:   # noqa: BLE001 - sorted into user and internal errors
-            if not is_user_error(e) or _show_tracebacks(sys.argv):
-                raise
-            _user_error(str(e), 1 if isinstance(e, errors.NonFiniteLossError) else 2)
+            exit_if_user_error(e)
+            raise
 
     try:
         app.run(guarded, flags_parser=lambda argv: _parse_flags(argv, before_flags))

@@ -303,15 +303,13 @@ def git_head() -> str:
 # ------------------------------------------------------------------------------- main
 def _one_line_user_errors(fn, *args):
     """``fn(*args)``, a user error (a missing or bad sweep config, a bad value in a point)
-    printed as one line with exit status 2, as the other command lines print theirs
-    (``GL_JAX_TRACEBACK=1`` keeps the traceback)."""
+    printed as one line, as the other command lines print theirs (`cli.exit_if_user_error`;
+    ``GL_JAX_TRACEBACK=1`` keeps the traceback)."""
     try:
         return fn(*args)
     except Exception as e:   # noqa: BLE001 - sorted into user and internal errors
-        if not cli.is_user_error(e) or os.environ.get("GL_JAX_TRACEBACK", "") not in ("", "0"):
-            raise
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+        cli.exit_if_user_error(e)
+        raise
 
 
 def main(argv=None) -> None:

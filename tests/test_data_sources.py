@@ -212,9 +212,11 @@ def test_cars196_folder_split_98_98(tmp_path):
             splits["test"].num_classes) == (90, 8, 98)
     assert splits["test"].class_names[0] == "099" and splits["val"].class_names[0] == "091"
     (tmp_path / "empty").mkdir()
-    for name, expected in (("cars196", "holds no images/<class>/ folders"),
-                           ("cub200", "holds neither images.txt and image_class_labels.txt "
-                                      "nor images/<class>/ folders")):
+    for name, expected in (("cars196", r"no class folder with images under .*empty' "
+                                       r"\(expected images/<class>/\)"),
+                           ("cub200", r"no class folder with images under .*empty' \(expected "
+                                      r"images.txt and image_class_labels.txt, or "
+                                      r"images/<class>/\)")):
         with pytest.raises(ValueError, match=expected):
             gdata.load_splits(_config(name, tmp_path / "empty"))
     for c in range(49, 196):   # 49 classes left: the 98 / 98 split is the dataset's own

@@ -23,7 +23,6 @@ from gl_jax.models.bninception import INCEPTION_BLOCKS
 from gl_jax.models.efficientnet_lite import MBConvBlock
 from gl_jax.models.resnet import BasicBlock, Bottleneck
 
-
 ALL = ["bninception", "efficientnet_lite0", "resnet101", "resnet18", "resnet34", "resnet50",
        "small_cnn"]
 

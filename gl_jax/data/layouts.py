@@ -187,6 +187,11 @@ def _walk_class_folders(root: str, name: str) -> tuple[dict[str, list[str]], lis
     return classes, empty
 
 
+# What a dataset read as class folders may hold instead, named when it holds none.
+_FOLDER_LAYOUTS = {"cub200": "images.txt and image_class_labels.txt, or images/<class>/",
+                   "cars196": "images/<class>/"}
+
+
 def image_folder_source(root: str, name: str = "image_folder") -> FileSource:
     """One folder per class; class = path of the folder relative to `root`, sorted.
 
@@ -201,7 +206,9 @@ def image_folder_source(root: str, name: str = "image_folder") -> FileSource:
         raise ValueError(f"{name}: class folder(s) without any image: {empty[:5]}"
                          f"{' ...' if len(empty) > 5 else ''}")
     if not classes:
-        raise ValueError(f"{name}: no class folder with images under {root!r}")
+        hint = _FOLDER_LAYOUTS.get(name)
+        raise ValueError(f"{name}: no class folder with images under {root!r}"
+                         + (f" (expected {hint})" if hint else ""))
     class_names = sorted(classes)
     paths, labels = [], []
     for label, class_name in enumerate(class_names):
@@ -225,10 +232,6 @@ def load_image_folder_splits(root: str, val_classes: int = 0, train_classes: int
     return split_by_classes(full, range(n_train), range(n_train, n), val_classes, name)
 
 
-def _has_entries(folder: str) -> bool:
-    return any(not name.startswith(".") for name in os.listdir(folder))
-
-
 def _images_dir(root: str) -> str:
     """The original code's `<root>/images/<class>/`; a bare `<root>/<class>/` also works."""
     images = os.path.join(root, "images")
@@ -247,9 +250,6 @@ def load_cub_splits(root: str, val_classes: int = 0) -> dict[str, Source]:
     labels_txt = os.path.join(root, "image_class_labels.txt")
     if not os.path.exists(images_txt) and not os.path.exists(labels_txt):
         _require_dir(root, "cub200")
-        if not _has_entries(_images_dir(root)):
-            raise ValueError(f"cub200: {root!r} holds neither images.txt and "
-                             "image_class_labels.txt nor images/<class>/ folders")
         return load_image_folder_splits(_images_dir(root), val_classes, 100, "cub200")
     _require_file(images_txt, "cub200")
     _require_file(labels_txt, "cub200")
@@ -280,8 +280,6 @@ def load_cub_splits(root: str, val_classes: int = 0) -> dict[str, Source]:
 
 def load_cars_splits(root: str, val_classes: int = 0) -> dict[str, Source]:
     """Cars196 as the original code reads it: `<root>/images/<class>/`; classes 1-98 / 99-196."""
-    if os.path.isdir(root) and not _has_entries(_images_dir(root)):
-        raise ValueError(f"cars196: {root!r} holds no images/<class>/ folders")
     return load_image_folder_splits(_images_dir(root), val_classes, 98, "cars196")
 
 
